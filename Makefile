@@ -1,0 +1,48 @@
+# denoised: one entry point for set-up, build, test and demo. Every target is idempotent.
+#
+#   make setup   create ./.venv with torch==2.11.0 (libtorch for tch) and the Python test deps
+#   make build   release build of the server and client
+#   make test    everything CI runs: fmt, clippy, unit + integration + parity tests
+#   make demo    start the server on the default model and generate with every cache strategy
+
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+
+# tch's build script finds libtorch through the venv's python (LIBTORCH_USE_PYTORCH=1); the server's
+# build.rs embeds an rpath to it, so binaries run without LD_LIBRARY_PATH.
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup build test lint fmt parity-data demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+build: setup
+	cargo build --release --workspace
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# Tiny random FLUX pipelines in diffusers layout + reference outputs from diffusers itself.
+parity-data: setup
+	$(PY) tests/parity/make_reference.py --out tests/parity/data
+
+test: setup lint parity-data
+	cargo test --workspace -- --test-threads=2
+
+clean-venv:
+	rm -rf $(VENV)

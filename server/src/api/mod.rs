@@ -1,0 +1,256 @@
+//! The `denoised.v1.Denoiser` gRPC service: request validation, sessions, and hand-off of
+//! generations to the engine. Handlers never touch tensors.
+mod validate;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use denoised_proto::v1 as pb;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::cache::{self, CacheConfig};
+use crate::config::Limits;
+use crate::engine::{EngineHandle, Job};
+use crate::error::{ServiceError, ServiceResult};
+use crate::session::{NewSession, Session, SessionStore};
+
+pub struct DenoiserService {
+    engine: EngineHandle,
+    sessions: Arc<SessionStore>,
+    limits: Limits,
+    /// T5 token budget per model name.
+    max_sequence_lengths: HashMap<String, usize>,
+}
+
+impl DenoiserService {
+    pub fn new(
+        engine: EngineHandle,
+        sessions: Arc<SessionStore>,
+        limits: Limits,
+        max_sequence_lengths: HashMap<String, usize>,
+    ) -> Self {
+        Self {
+            engine,
+            sessions,
+            limits,
+            max_sequence_lengths,
+        }
+    }
+
+    fn cache_config(&self, config: Option<&pb::CacheConfig>, field: &str) -> ServiceResult<CacheConfig> {
+        let config = CacheConfig::from_proto(config, field)?;
+        cache::ensure_supported(&config)?;
+        Ok(config)
+    }
+
+    fn session_id<'a>(&self, id: &'a str) -> ServiceResult<&'a str> {
+        if id.is_empty() {
+            Err(ServiceError::invalid("session_id", "required"))
+        } else {
+            Ok(id)
+        }
+    }
+
+    fn generate_stream(&self, req: pb::GenerateRequest) -> ServiceResult<GenerateStream> {
+        let received = Instant::now();
+        // Either an open session, or an ephemeral one from the inline model + cache.
+        let (session, model) = if !req.session_id.is_empty() {
+            let session = self.sessions.get(&req.session_id)?;
+            if !req.model.is_empty() && req.model != session.model {
+                return Err(ServiceError::invalid(
+                    "model",
+                    format!("session `{}` runs model `{}`", session.id, session.model),
+                ));
+            }
+            if req.cache.is_some() {
+                return Err(ServiceError::invalid(
+                    "cache",
+                    "a session's cache is set with CreateSession or SetCacheStrategy",
+                ));
+            }
+            let model = self.engine.model(&session.model)?;
+            (Some(session), model)
+        } else {
+            if req.model.is_empty() {
+                return Err(ServiceError::invalid("model", "required when session_id is empty"));
+            }
+            (None, self.engine.model(&req.model)?)
+        };
+        let max_sequence_length = self.max_sequence_lengths.get(&model.name).copied().unwrap_or(512);
+        let resolved = validate::resolve_generate(&req, model, max_sequence_length, &self.limits)?;
+        let session = match session {
+            Some(s) => s,
+            None => self.sessions.create(NewSession {
+                model: model.name.clone(),
+                cache: self.cache_config(req.cache.as_ref(), "cache")?,
+                idle_timeout: None,
+                labels: HashMap::from([("ephemeral".to_owned(), "true".to_owned())]),
+                ephemeral: true,
+            })?,
+        };
+        let guard = self.sessions.begin_generation(&session)?;
+        let generation_id = uuid::Uuid::new_v4().to_string();
+        let span = tracing::info_span!("generation", %generation_id, session_id = %session.id, model = %model.name);
+        let (tx, rx) = tokio::sync::mpsc::channel(self.engine.stream_buffer());
+        self.engine.submit(Job {
+            generation_id,
+            guard,
+            model: model.name.clone(),
+            params: resolved.params,
+            preview: resolved.preview,
+            output_format: resolved.output_format,
+            events: tx,
+            span,
+            received,
+        })?;
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+fn timestamp(t: std::time::SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(t))
+}
+
+fn session_proto(s: &Session) -> pb::Session {
+    pb::Session {
+        session_id: s.id.clone(),
+        model: s.model.clone(),
+        cache: Some(s.cache().to_proto()),
+        cache_state_bytes: s.cache_bytes(),
+        generations_run: s.generations_run(),
+        generating: s.is_generating(),
+        created_at: timestamp(s.created_at),
+        last_activity: timestamp(s.last_activity()),
+        idle_timeout_seconds: s.idle_timeout.as_secs() as u32,
+        labels: s.labels.clone(),
+    }
+}
+
+/// Runs a handler body, logging failures at the level they deserve and mapping them to a status.
+fn respond<T>(result: ServiceResult<T>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            match e.code() {
+                tonic::Code::Internal | tonic::Code::Unavailable => tracing::error!(error = %e, "request failed"),
+                _ => tracing::info!(error = %e, "request rejected"),
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::denoiser_server::Denoiser for DenoiserService {
+    #[tracing::instrument(skip_all)]
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        respond(Ok(pb::ListModelsResponse {
+            models: self.engine.models().to_vec(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model))]
+    async fn create_session(&self, req: Request<pb::CreateSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        let req = req.into_inner();
+        tracing::Span::current().record("model", req.model.as_str());
+        respond((|| {
+            if req.model.is_empty() {
+                return Err(ServiceError::invalid("model", "required"));
+            }
+            self.engine.model(&req.model)?;
+            let cache = self.cache_config(req.cache.as_ref(), "cache")?;
+            let idle_timeout =
+                (req.idle_timeout_seconds > 0).then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
+            let session = self.sessions.create(NewSession {
+                model: req.model.clone(),
+                cache,
+                idle_timeout,
+                labels: req.labels.clone(),
+                ephemeral: false,
+            })?;
+            tracing::info!(session_id = %session.id, "session created");
+            Ok(session_proto(&session))
+        })())
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    async fn get_session(&self, req: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        let id = &req.get_ref().session_id;
+        respond(self.session_id(id).and_then(|id| self.sessions.get(id)).map(|s| session_proto(&s)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        respond(Ok(pb::ListSessionsResponse {
+            sessions: self.sessions.list().iter().map(|s| session_proto(s)).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    async fn close_session(
+        &self,
+        req: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let id = &req.get_ref().session_id;
+        respond(
+            self.session_id(id)
+                .and_then(|id| self.sessions.close(id))
+                .map(|freed_cache_bytes| pb::CloseSessionResponse { freed_cache_bytes }),
+        )
+    }
+
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let req = req.into_inner();
+        let span = tracing::info_span!("generate_request", session_id = %req.session_id, model = %req.model);
+        async { respond(self.generate_stream(req)) }.instrument(span).await
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    async fn set_cache_strategy(
+        &self,
+        req: Request<pb::SetCacheStrategyRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let req = req.into_inner();
+        respond((|| {
+            let session = self.sessions.get(self.session_id(&req.session_id)?)?;
+            let config = self.cache_config(req.cache.as_ref(), "cache")?;
+            tracing::info!(strategy = config.kind().as_str_name(), running = session.is_generating(), "cache strategy set");
+            session.set_cache(config);
+            Ok(session_proto(&session))
+        })())
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    async fn reset_cache(&self, req: Request<pb::ResetCacheRequest>) -> Result<Response<pb::Session>, Status> {
+        let id = &req.get_ref().session_id;
+        respond(self.session_id(id).and_then(|id| self.sessions.get(id)).map(|s| {
+            s.reset_cache();
+            session_proto(&s)
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    async fn cancel_generation(
+        &self,
+        req: Request<pb::CancelGenerationRequest>,
+    ) -> Result<Response<pb::CancelGenerationResponse>, Status> {
+        let id = &req.get_ref().session_id;
+        respond(
+            self.session_id(id)
+                .and_then(|id| self.sessions.get(id))
+                .map(|s| pb::CancelGenerationResponse { cancelled: s.cancel() }),
+        )
+    }
+}

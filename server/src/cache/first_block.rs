@@ -1,0 +1,116 @@
+//! First Block Cache (ParaAttention's, TeaCache-inspired), as diffusers 0.42.1 implements it.
+//!
+//! The first block always runs. Its residual `r = out.hidden - in.hidden` is compared with the
+//! residual of the last fully computed forward: when `mean|r - r_ref| / mean|r_ref| <= threshold`
+//! (evaluated in the model dtype) every later block is skipped and the forward's block output is
+//! the current head output plus the "rest of the network" residuals (tail output − head output,
+//! image and text streams) saved at that full forward. References are refreshed only on full
+//! forwards, so drift accumulates against the last one. The first forward always computes.
+//!
+//! With our hooks the head cannot rewrite its own output, so the skipped blocks pass their input
+//! through and the last block adds the saved residuals: the same sums as diffusers, which adds
+//! them at the head and passes through after it.
+//!
+//! State is per CFG branch, as diffusers' "cond"/"uncond" contexts. A transformer with a single
+//! block never skips (there is nothing after the head to skip; diffusers refuses it).
+use denoised_proto::v1 as pb;
+use tch::Tensor;
+
+use super::config::FirstBlockCacheConfig;
+use super::hooks::{BlockId, BlockIo, Branch, Decision, ForwardContext, TransformerHooks};
+use super::{as_typed, bytes_of, CacheStrategy, PerBranch};
+
+/// First Block Cache's per-generation state and decision rule.
+#[derive(Debug)]
+pub struct FirstBlockCache {
+    threshold: f64,
+    branch: Branch,
+    states: PerBranch<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Head output and residual at the last full forward.
+    head_output: Option<BlockIo>,
+    head_residual: Option<Tensor>,
+    /// Tail output − head output at the last full forward (image and text streams).
+    tail_residuals: Option<BlockIo>,
+    /// The forward in progress skips every block after the head.
+    skipping: bool,
+}
+
+impl FirstBlockCache {
+    /// A strategy with empty state.
+    pub fn new(config: FirstBlockCacheConfig) -> Self {
+        Self {
+            threshold: as_typed(config.threshold),
+            branch: Branch::Cond,
+            states: PerBranch::default(),
+        }
+    }
+}
+
+impl TransformerHooks for FirstBlockCache {
+    fn before_forward(&mut self, ctx: &ForwardContext) -> Decision<Tensor> {
+        self.branch = ctx.branch;
+        self.states.get_mut(ctx.branch).skipping = false;
+        Decision::Compute
+    }
+
+    fn before_block(&mut self, id: &BlockId, input: &BlockIo) -> Decision<BlockIo> {
+        let state = self.states.get(self.branch);
+        match (&state.tail_residuals, state.skipping && !id.is_first()) {
+            (Some(tail), true) if id.is_last() => Decision::Skip(BlockIo {
+                hidden: &tail.hidden + &input.hidden,
+                encoder: &tail.encoder + &input.encoder,
+            }),
+            (_, true) => Decision::Skip(input.shallow_clone()),
+            (_, false) => Decision::Compute,
+        }
+    }
+
+    fn after_block(&mut self, id: &BlockId, input: &BlockIo, output: &BlockIo) {
+        let threshold = self.threshold;
+        let state = self.states.get_mut(self.branch);
+        if id.is_first() {
+            let residual = &output.hidden - &input.hidden;
+            let similar = state.head_residual.as_ref().is_some_and(|reference| {
+                let change = (&residual - reference).abs().mean(None) / reference.abs().mean(None);
+                // Skip unless strictly above the threshold, as diffusers (which would also skip
+                // on a NaN change from an all-zero reference; we compute then).
+                change.double_value(&[]) <= threshold
+            });
+            state.skipping = similar && state.tail_residuals.is_some() && !id.is_last();
+            if !state.skipping {
+                state.head_output = Some(output.shallow_clone());
+                state.head_residual = Some(residual);
+            }
+        }
+        if id.is_last() {
+            if let Some(head) = &state.head_output {
+                state.tail_residuals = Some(BlockIo {
+                    hidden: &output.hidden - &head.hidden,
+                    encoder: &output.encoder - &head.encoder,
+                });
+            }
+        }
+    }
+}
+
+impl CacheStrategy for FirstBlockCache {
+    fn kind(&self) -> pb::CacheKind {
+        pb::CacheKind::FirstBlockCache
+    }
+
+    fn state_bytes(&self) -> u64 {
+        self.states
+            .both()
+            .into_iter()
+            .map(|s| {
+                let ios = [&s.head_output, &s.tail_residuals];
+                bytes_of(ios.into_iter().flatten().flat_map(|io| [Some(&io.hidden), Some(&io.encoder)]))
+                    + bytes_of([s.head_residual.as_ref()])
+            })
+            .sum()
+    }
+}

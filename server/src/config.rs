@@ -1,0 +1,273 @@
+//! Server configuration: defaults, overridden by an optional TOML file, overridden by CLI flags.
+//! All limits live here, in one place.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Command-line flags of `denoised`. Each one overrides the same key of the TOML file.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "denoised", version, about = "Diffusion transformers with step caching, over gRPC")]
+pub struct Args {
+    /// TOML configuration file (keys as in `deploy/denoised.toml`).
+    #[arg(long, env = "DENOISED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "DENOISED_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// A model to serve, as `name=path/to/diffusers/folder`. Repeatable.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    pub models: Vec<String>,
+    /// `auto` (cuda:0 when available, else cpu), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "DENOISED_DEVICE")]
+    pub device: Option<String>,
+    /// Run dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Skip models that fail to load (logged) instead of refusing to start.
+    #[arg(long)]
+    pub skip_bad_models: bool,
+    /// Maximum number of open sessions.
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub models: Vec<ModelEntry>,
+    pub device: String,
+    pub dtype: String,
+    pub skip_bad_models: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+    /// T5 token budget for prompts (FluxPipeline's `max_sequence_length`).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_sessions: usize,
+    /// Generations admitted to the engine at once (running or queued), over all sessions.
+    pub max_active_generations: usize,
+    pub default_idle_timeout_secs: u64,
+    pub max_idle_timeout_secs: u64,
+    /// How often idle sessions are looked for.
+    pub eviction_interval_ms: u64,
+    pub max_image_edge: u32,
+    pub max_steps: u32,
+    pub max_prompt_chars: usize,
+    pub max_guidance: f32,
+    pub max_labels: usize,
+    /// Events buffered per stream before that generation pauses (backpressure on slow readers).
+    pub stream_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 256,
+            max_active_generations: 16,
+            default_idle_timeout_secs: 600,
+            max_idle_timeout_secs: 24 * 3600,
+            eviction_interval_ms: 1000,
+            max_image_edge: 2048,
+            max_steps: 1000,
+            max_prompt_chars: 8192,
+            max_guidance: 100.0,
+            max_labels: 32,
+            stream_buffer: 32,
+        }
+    }
+}
+
+impl Limits {
+    pub fn default_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.default_idle_timeout_secs)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("valid default address"),
+            models: default_models(),
+            device: "auto".into(),
+            dtype: "auto".into(),
+            skip_bad_models: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The repository's own model (`models/default`), when it is there.
+fn default_models() -> Vec<ModelEntry> {
+    let candidates = [
+        std::env::var_os("DENOISED_DEFAULT_MODEL").map(PathBuf::from),
+        Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/default"))),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("model_index.json").is_file())
+        .map(|path| ModelEntry {
+            name: "default".into(),
+            path,
+            max_sequence_length: None,
+        })
+        .into_iter()
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("--model `{0}`: expected NAME=PATH")]
+    ModelFlag(String),
+    #[error("model name `{0}` is used twice")]
+    DuplicateModel(String),
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        if !args.models.is_empty() {
+            config.models = args.models.iter().map(|m| parse_model_flag(m)).collect::<Result<_, _>>()?;
+        }
+        if let Some(device) = &args.device {
+            config.device = device.clone();
+        }
+        if let Some(dtype) = &args.dtype {
+            config.dtype = dtype.clone();
+        }
+        config.skip_bad_models |= args.skip_bad_models;
+        if let Some(n) = args.max_sessions {
+            config.limits.max_sessions = n;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if !seen.insert(&m.name) {
+                return Err(ConfigError::DuplicateModel(m.name.clone()));
+            }
+        }
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.into(),
+        };
+        let l = &self.limits;
+        if l.max_sessions == 0 {
+            return Err(invalid("limits.max_sessions", "must be at least 1"));
+        }
+        if l.max_active_generations == 0 {
+            return Err(invalid("limits.max_active_generations", "must be at least 1"));
+        }
+        if l.stream_buffer == 0 {
+            return Err(invalid("limits.stream_buffer", "must be at least 1"));
+        }
+        if l.max_steps == 0 {
+            return Err(invalid("limits.max_steps", "must be at least 1"));
+        }
+        if l.default_idle_timeout_secs == 0 || l.default_idle_timeout_secs > l.max_idle_timeout_secs {
+            return Err(invalid(
+                "limits.default_idle_timeout_secs",
+                "must be positive and at most limits.max_idle_timeout_secs",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_model_flag(flag: &str) -> Result<ModelEntry, ConfigError> {
+    match flag.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(ModelEntry {
+            name: name.to_owned(),
+            path: PathBuf::from(path),
+            max_sequence_length: None,
+        }),
+        _ => Err(ConfigError::ModelFlag(flag.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_overrides_file_and_models_parse() {
+        let dir = std::env::temp_dir().join(format!("denoised-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:7000\"\ndevice = \"cpu\"\n[limits]\nmax_sessions = 3\n[[models]]\nname = \"a\"\npath = \"/m/a\"\n",
+        )
+        .unwrap();
+        let args = Args {
+            config: Some(file),
+            models: vec!["b=/m/b".into()],
+            max_sessions: Some(5),
+            ..Args::default()
+        };
+        let c = Config::from_args(&args).unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.limits.max_sessions, 5);
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].name, "b");
+        assert_eq!(c.device, "cpu");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/denoised.toml"));
+        let c = Config::from_file(path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.models[0].name, "default");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(matches!(parse_model_flag("nopath"), Err(ConfigError::ModelFlag(_))));
+        let mut c = Config::default();
+        c.limits.max_sessions = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("limits.max_sessions"));
+        let bad: Result<Config, _> = toml::from_str("unknown_key = 1");
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,565 @@
+//! The FLUX.1 MMDiT (diffusers `FluxTransformer2DModel`): dual-stream blocks with joint attention
+//! over separate image and text weights, then single-stream blocks over the concatenated sequence.
+//!
+//! Weights are looked up once at load by their diffusers names; the forward mirrors diffusers op
+//! for op (same dtypes, same order), and asks the cache hooks before every interceptable module.
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::FluxTransformerConfig;
+use super::embeddings::{apply_rotary_emb, rope, Linear, Rope, TimeTextEmbedding};
+use crate::cache::hooks::{
+    resolve, AttnOutput, BlockId, BlockIo, BlockKind, ForwardContext, ModuleCounts, StepStats, TransformerHooks,
+};
+use crate::models::weights::Weights;
+use crate::models::{ModelError, Result};
+
+/// `eps` of every LayerNorm and QK RMSNorm in FLUX.
+const NORM_EPS: f64 = 1e-6;
+
+/// `int(dim * mlp_ratio)` with FLUX's `mlp_ratio = 4`.
+const MLP_RATIO: i64 = 4;
+
+/// `nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)`.
+fn layer_norm(x: &Tensor) -> Tensor {
+    let dim = *x.size().last().expect("layer_norm of a 0-d tensor");
+    x.layer_norm([dim], None::<Tensor>, None::<Tensor>, NORM_EPS, true)
+}
+
+/// `torch.nn.RMSNorm(head_dim, eps=1e-6)` over the last dim of `[B, S, H, head_dim]`.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+}
+
+impl RmsNorm {
+    fn load(w: &Weights, name: &str, dim: i64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[dim])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.rms_norm(self.weight.size(), Some(&self.weight), NORM_EPS)
+    }
+}
+
+/// The AdaLN modulation `linear(silu(temb))` split into `chunks` vectors of width `dim`
+/// (`AdaLayerNormZero`: 6, `AdaLayerNormZeroSingle`: 3, `AdaLayerNormContinuous`: 2).
+#[derive(Debug)]
+struct Modulation {
+    linear: Linear,
+    chunks: i64,
+}
+
+impl Modulation {
+    fn load(w: &Weights, prefix: &str, dim: i64, chunks: i64) -> Result<Self> {
+        Ok(Self {
+            linear: Linear::load(w, &format!("{prefix}.linear"), dim, chunks * dim)?,
+            chunks,
+        })
+    }
+
+    /// `temb [B, D]` -> `chunks` tensors `[B, D]`.
+    fn forward(&self, temb: &Tensor) -> Vec<Tensor> {
+        self.linear.forward(&temb.silu()).chunk(self.chunks, 1)
+    }
+}
+
+/// `norm(x) * (1 + scale[:, None]) + shift[:, None]`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+    layer_norm(x) * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+}
+
+/// diffusers `FeedForward(dim, dim_out=dim, activation_fn="gelu-approximate")`:
+/// `net.2(gelu_tanh(net.0.proj(x)))` with a `4·dim` hidden layer.
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn load(w: &Weights, prefix: &str, dim: i64) -> Result<Self> {
+        Ok(Self {
+            proj_in: Linear::load(w, &format!("{prefix}.net.0.proj"), dim, MLP_RATIO * dim)?,
+            proj_out: Linear::load(w, &format!("{prefix}.net.2"), MLP_RATIO * dim, dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.proj_out.forward(&self.proj_in.forward(x).gelu("tanh"))
+    }
+}
+
+/// The text-stream half of a dual block's joint attention.
+#[derive(Debug)]
+struct AddedProjections {
+    add_q_proj: Linear,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_q: RmsNorm,
+    norm_added_k: RmsNorm,
+    to_add_out: Linear,
+}
+
+/// diffusers `FluxAttention` with `FluxAttnProcessor`: QK RMSNorm per head, RoPE, SDPA.
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    /// `to_out.0`; absent in single blocks (`pre_only`), whose `proj_out` follows instead.
+    to_out: Option<Linear>,
+    added: Option<AddedProjections>,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(w: &Weights, prefix: &str, dim: i64, head_dim: i64, dual: bool) -> Result<Self> {
+        let linear = |name: &str| Linear::load(w, &format!("{prefix}.{name}"), dim, dim);
+        let norm = |name: &str| RmsNorm::load(w, &format!("{prefix}.{name}"), head_dim);
+        let (to_out, added) = if dual {
+            let added = AddedProjections {
+                add_q_proj: linear("add_q_proj")?,
+                add_k_proj: linear("add_k_proj")?,
+                add_v_proj: linear("add_v_proj")?,
+                norm_added_q: norm("norm_added_q")?,
+                norm_added_k: norm("norm_added_k")?,
+                to_add_out: linear("to_add_out")?,
+            };
+            (Some(linear("to_out.0")?), Some(added))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: linear("to_q")?,
+            to_k: linear("to_k")?,
+            to_v: linear("to_v")?,
+            norm_q: norm("norm_q")?,
+            norm_k: norm("norm_k")?,
+            to_out,
+            added,
+            head_dim,
+        })
+    }
+
+    /// `[B, S, D]` -> `[B, S, H, head_dim]`.
+    fn heads(&self, x: Tensor) -> Tensor {
+        x.unflatten(-1, [-1, self.head_dim])
+    }
+
+    /// RoPE on q and k, then SDPA over `[B, S, H, Dh]` inputs; returns `[B, S, D]`.
+    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: &Rope) -> Tensor {
+        let q = apply_rotary_emb(&q, rope);
+        let k = apply_rotary_emb(&k, rope);
+        let bhsd = |x: &Tensor| x.permute([0, 2, 1, 3]);
+        let out = Tensor::scaled_dot_product_attention(
+            &bhsd(&q),
+            &bhsd(&k),
+            &bhsd(&v),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        out.permute([0, 2, 1, 3]).flatten(2, 3).to_kind(q.kind())
+    }
+
+    /// Joint attention of a dual block: image `[B, L_img, D]` and text `[B, L_txt, D]` streams,
+    /// concatenated text first, attended together, split and projected back per stream.
+    fn forward_joint(&self, hidden: &Tensor, encoder: &Tensor, rope: &Rope) -> AttnOutput {
+        let added = self.added.as_ref().expect("joint attention without added projections");
+        let q = self.norm_q.forward(&self.heads(self.to_q.forward(hidden)));
+        let k = self.norm_k.forward(&self.heads(self.to_k.forward(hidden)));
+        let v = self.heads(self.to_v.forward(hidden));
+        let eq = added.norm_added_q.forward(&self.heads(added.add_q_proj.forward(encoder)));
+        let ek = added.norm_added_k.forward(&self.heads(added.add_k_proj.forward(encoder)));
+        let ev = self.heads(added.add_v_proj.forward(encoder));
+        let out = self.attend(
+            Tensor::cat(&[eq, q], 1),
+            Tensor::cat(&[ek, k], 1),
+            Tensor::cat(&[ev, v], 1),
+            rope,
+        );
+        let l_txt = encoder.size()[1];
+        let l_img = out.size()[1] - l_txt;
+        let parts = out.split_with_sizes([l_txt, l_img], 1);
+        let to_out = self.to_out.as_ref().expect("joint attention without to_out");
+        AttnOutput::Joint {
+            hidden: to_out.forward(&parts[1].contiguous()),
+            encoder: added.to_add_out.forward(&parts[0].contiguous()),
+        }
+    }
+
+    /// Self-attention of a single block over `[B, L_txt + L_img, D]`, without output projection.
+    fn forward_single(&self, x: &Tensor, rope: &Rope) -> AttnOutput {
+        let q = self.norm_q.forward(&self.heads(self.to_q.forward(x)));
+        let k = self.norm_k.forward(&self.heads(self.to_k.forward(x)));
+        let v = self.heads(self.to_v.forward(x));
+        AttnOutput::Single(self.attend(q, k, v, rope))
+    }
+}
+
+/// Asks the hooks about a block's attention, runs it if told to, and reports what was computed.
+fn hooked_attention(
+    id: &BlockId,
+    hooks: &mut dyn TransformerHooks,
+    counts: &mut ModuleCounts,
+    compute: impl FnOnce() -> AttnOutput,
+) -> AttnOutput {
+    let (out, computed) = resolve(hooks.before_attention(id), counts, compute);
+    if computed {
+        hooks.after_attention(id, &out);
+    }
+    out
+}
+
+/// diffusers `FluxTransformerBlock` (`transformer_blocks.i`).
+#[derive(Debug)]
+struct DualBlock {
+    norm1: Modulation,
+    norm1_context: Modulation,
+    attn: Attention,
+    ff: FeedForward,
+    ff_context: FeedForward,
+}
+
+impl DualBlock {
+    fn load(w: &Weights, prefix: &str, c: &FluxTransformerConfig) -> Result<Self> {
+        let dim = c.inner_dim();
+        Ok(Self {
+            norm1: Modulation::load(w, &format!("{prefix}.norm1"), dim, 6)?,
+            norm1_context: Modulation::load(w, &format!("{prefix}.norm1_context"), dim, 6)?,
+            attn: Attention::load(w, &format!("{prefix}.attn"), dim, c.attention_head_dim, true)?,
+            ff: FeedForward::load(w, &format!("{prefix}.ff"), dim)?,
+            ff_context: FeedForward::load(w, &format!("{prefix}.ff_context"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        id: &BlockId,
+        io: &BlockIo,
+        temb: &Tensor,
+        rope: &Rope,
+        hooks: &mut dyn TransformerHooks,
+        attention_counts: &mut ModuleCounts,
+    ) -> BlockIo {
+        // AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+        let m = self.norm1.forward(temb);
+        let c = self.norm1_context.forward(temb);
+        let norm_hidden = modulate(&io.hidden, &m[0], &m[1]);
+        let norm_encoder = modulate(&io.encoder, &c[0], &c[1]);
+        let attn = hooked_attention(id, hooks, attention_counts, || {
+            self.attn.forward_joint(&norm_hidden, &norm_encoder, rope)
+        });
+        let AttnOutput::Joint {
+            hidden: attn_hidden,
+            encoder: attn_encoder,
+        } = attn
+        else {
+            panic!("{}: a dual block needs a joint attention output", id.attention_name());
+        };
+
+        let hidden = &io.hidden + m[2].unsqueeze(1) * attn_hidden;
+        let ff = self.ff.forward(&modulate(&hidden, &m[3], &m[4]));
+        let hidden = hidden + m[5].unsqueeze(1) * ff;
+
+        let encoder = &io.encoder + c[2].unsqueeze(1) * attn_encoder;
+        let ff = self.ff_context.forward(&modulate(&encoder, &c[3], &c[4]));
+        let encoder = clip_f16(encoder + c[5].unsqueeze(1) * ff);
+        BlockIo { hidden, encoder }
+    }
+}
+
+/// diffusers `FluxSingleTransformerBlock` (`single_transformer_blocks.i`): attention and MLP in
+/// parallel over `[text; image]`, fused by one output projection.
+#[derive(Debug)]
+struct SingleBlock {
+    norm: Modulation,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    attn: Attention,
+}
+
+impl SingleBlock {
+    fn load(w: &Weights, prefix: &str, c: &FluxTransformerConfig) -> Result<Self> {
+        let dim = c.inner_dim();
+        let mlp = MLP_RATIO * dim;
+        Ok(Self {
+            norm: Modulation::load(w, &format!("{prefix}.norm"), dim, 3)?,
+            proj_mlp: Linear::load(w, &format!("{prefix}.proj_mlp"), dim, mlp)?,
+            // Input: [attention output (dim) | MLP hidden (4·dim)].
+            proj_out: Linear::load(w, &format!("{prefix}.proj_out"), dim + mlp, dim)?,
+            attn: Attention::load(w, &format!("{prefix}.attn"), dim, c.attention_head_dim, false)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        id: &BlockId,
+        io: &BlockIo,
+        temb: &Tensor,
+        rope: &Rope,
+        hooks: &mut dyn TransformerHooks,
+        attention_counts: &mut ModuleCounts,
+    ) -> BlockIo {
+        let l_txt = io.encoder.size()[1];
+        let residual = Tensor::cat(&[&io.encoder, &io.hidden], 1);
+        // AdaLayerNormZeroSingle chunks: shift_msa, scale_msa, gate_msa.
+        let m = self.norm.forward(temb);
+        let norm = modulate(&residual, &m[0], &m[1]);
+        let mlp = self.proj_mlp.forward(&norm).gelu("tanh");
+        let attn = hooked_attention(id, hooks, attention_counts, || self.attn.forward_single(&norm, rope));
+        let AttnOutput::Single(attn) = attn else {
+            panic!("{}: a single block needs a single-stream attention output", id.attention_name());
+        };
+        let out = m[2].unsqueeze(1) * self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2));
+        let out = clip_f16(residual + out);
+        let l_img = out.size()[1] - l_txt;
+        BlockIo {
+            encoder: out.narrow(1, 0, l_txt),
+            hidden: out.narrow(1, l_txt, l_img),
+        }
+    }
+}
+
+/// diffusers clips f16 block outputs to the finite range to keep inf out of the residual stream.
+fn clip_f16(x: Tensor) -> Tensor {
+    if x.kind() == Kind::Half {
+        x.clip(-65504.0, 65504.0)
+    } else {
+        x
+    }
+}
+
+/// A loaded FLUX transformer.
+#[derive(Debug)]
+pub struct FluxTransformer {
+    config: FluxTransformerConfig,
+    /// Latent patch tokens `[B, L_img, in_ch]` -> `[B, L_img, D]`.
+    x_embedder: Linear,
+    /// T5 tokens `[B, L_txt, joint_dim]` -> `[B, L_txt, D]`.
+    context_embedder: Linear,
+    time_text_embed: TimeTextEmbedding,
+    dual_blocks: Vec<DualBlock>,
+    single_blocks: Vec<SingleBlock>,
+    /// `norm_out` (`AdaLayerNormContinuous`): chunks are scale then shift.
+    norm_out: Modulation,
+    /// `[B, L_img, D]` -> `[B, L_img, patch² · out_ch]`.
+    proj_out: Linear,
+    device: Device,
+    kind: Kind,
+}
+
+impl FluxTransformer {
+    /// Loads a diffusers `transformer/` folder: `config.json` and (sharded) safetensors.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config = FluxTransformerConfig::load(&config_path)?;
+        let w = Weights::from_dir(dir, device, kind)?;
+        check_block_counts(&w, &config, &config_path)?;
+        let dim = config.inner_dim();
+        let dual_blocks = (0..config.num_layers)
+            .map(|i| DualBlock::load(&w, &format!("transformer_blocks.{i}"), &config))
+            .collect::<Result<_>>()?;
+        let single_blocks = (0..config.num_single_layers)
+            .map(|i| SingleBlock::load(&w, &format!("single_transformer_blocks.{i}"), &config))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            x_embedder: Linear::load(&w, "x_embedder", config.in_channels, dim)?,
+            context_embedder: Linear::load(&w, "context_embedder", config.joint_attention_dim, dim)?,
+            time_text_embed: TimeTextEmbedding::load(
+                &w,
+                "time_text_embed",
+                dim,
+                config.pooled_projection_dim,
+                config.guidance_embeds,
+            )?,
+            dual_blocks,
+            single_blocks,
+            norm_out: Modulation::load(&w, "norm_out", dim, 2)?,
+            proj_out: Linear::load(&w, "proj_out", dim, config.output_dim())?,
+            config,
+            device,
+            kind,
+        })
+    }
+
+    pub fn config(&self) -> &FluxTransformerConfig {
+        &self.config
+    }
+
+    /// Dual plus single blocks: the length of the flattened block order the hooks see.
+    pub fn num_blocks(&self) -> usize {
+        self.dual_blocks.len() + self.single_blocks.len()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Rough multiply-add count of one block for one sample with `l_img` image and `l_txt` text
+    /// tokens: its linear layers (projections, MLPs, AdaLN modulation) plus the two attention
+    /// matmuls (`QKᵀ` and `AV`). Used to report the compute a cache saved, not to time anything.
+    pub fn block_flops(&self, kind: BlockKind, l_img: i64, l_txt: i64) -> f64 {
+        let d = self.config.inner_dim() as f64;
+        let l = (l_img + l_txt) as f64;
+        let attention = 2.0 * l * l * d;
+        // Per token: q, k, v and the output projection (4·D²) plus a 4× MLP (8·D²) for dual
+        // blocks; q, k, v (3·D²), the MLP input (4·D²) and the fused output projection (5·D²) for
+        // single blocks. The modulation linears run once per sample.
+        let (per_token, modulation) = match kind {
+            BlockKind::Dual => (12.0 * d * d, 12.0 * d * d),
+            BlockKind::Single => (12.0 * d * d, 3.0 * d * d),
+        };
+        l * per_token + attention + modulation
+    }
+
+    /// One transformer evaluation (one CFG branch of one step), returning the velocity
+    /// `[B, L_img, patch² · out_ch]`.
+    ///
+    /// `timestep` is `[B]` in 0..1 (the pipeline passes `t / 1000`), `guidance` is `[B]` (the raw
+    /// guidance scale, only for guidance-distilled models), `img_ids [L_img, 3]` and
+    /// `txt_ids [L_txt, 3]` (a leading batch dim is accepted and dropped, as diffusers does).
+    /// Every module the hooks can intercept is routed through them, and every decision is
+    /// recorded in `stats`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        pooled_projections: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        ctx: &ForwardContext,
+        hooks: &mut dyn TransformerHooks,
+        stats: &mut StepStats,
+    ) -> Tensor {
+        let decision = hooks.before_forward(ctx);
+        // A copy, so that the closure below can borrow `stats` for the inner modules.
+        let mut forwards = stats.forwards;
+        let (out, computed) = resolve(decision, &mut forwards, || {
+            let inputs = ForwardInputs {
+                hidden_states,
+                encoder_hidden_states,
+                pooled_projections,
+                timestep,
+                guidance,
+                img_ids,
+                txt_ids,
+            };
+            self.compute(&inputs, hooks, stats)
+        });
+        stats.forwards = forwards;
+        if computed {
+            hooks.after_forward(ctx, &out);
+        }
+        out
+    }
+
+    fn compute(&self, x: &ForwardInputs, hooks: &mut dyn TransformerHooks, stats: &mut StepStats) -> Tensor {
+        let hidden = self.x_embedder.forward(x.hidden_states);
+        let dtype = hidden.kind();
+        let timestep = x.timestep.to_kind(dtype) * 1000.0;
+        let guidance = x.guidance.map(|g| g.to_kind(dtype) * 1000.0);
+        let temb = self
+            .time_text_embed
+            .forward(&timestep, guidance.as_ref(), x.pooled_projections);
+        let encoder = self.context_embedder.forward(x.encoder_hidden_states);
+
+        let unbatch = |ids: &Tensor| if ids.dim() == 3 { ids.get(0) } else { ids.shallow_clone() };
+        let ids = Tensor::cat(&[unbatch(x.txt_ids), unbatch(x.img_ids)], 0);
+        let rope = rope(&ids, &self.config.axes_dims_rope);
+
+        let num_blocks = self.num_blocks();
+        let mut io = BlockIo { hidden, encoder };
+        let ids = (0..self.dual_blocks.len())
+            .map(|i| (BlockKind::Dual, i))
+            .chain((0..self.single_blocks.len()).map(|i| (BlockKind::Single, i)));
+        for (flat_index, (kind, index)) in ids.enumerate() {
+            let id = BlockId {
+                kind,
+                index,
+                flat_index,
+                num_blocks,
+            };
+            let decision = hooks.before_block(&id, &io);
+            let attention = &mut stats.attention;
+            let (out, computed) = resolve(decision, &mut stats.blocks, || match kind {
+                BlockKind::Dual => self.dual_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention),
+                BlockKind::Single => self.single_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention),
+            });
+            if computed {
+                hooks.after_block(&id, &io, &out);
+            }
+            io = out;
+        }
+
+        let decision = hooks.before_output_projection();
+        let (out, computed) = resolve(decision, &mut stats.output_projection, || {
+            // AdaLayerNormContinuous: linear(silu(temb)) -> (scale, shift).
+            let m = self.norm_out.forward(&temb);
+            self.proj_out.forward(&modulate(&io.hidden, &m[1], &m[0]))
+        });
+        if computed {
+            hooks.after_output_projection(&out);
+        }
+        out
+    }
+}
+
+/// The tensors of one forward, bundled to keep signatures short.
+struct ForwardInputs<'a> {
+    hidden_states: &'a Tensor,
+    encoder_hidden_states: &'a Tensor,
+    pooled_projections: &'a Tensor,
+    timestep: &'a Tensor,
+    guidance: Option<&'a Tensor>,
+    img_ids: &'a Tensor,
+    txt_ids: &'a Tensor,
+}
+
+/// Catches a config that describes fewer blocks (or no guidance embedder) than the weights hold:
+/// loading would otherwise succeed and silently run a truncated model.
+fn check_block_counts(w: &Weights, c: &FluxTransformerConfig, config_path: &Path) -> Result<()> {
+    let extra = [
+        (
+            "num_layers",
+            format!("transformer_blocks.{}.norm1.linear.weight", c.num_layers),
+        ),
+        (
+            "num_single_layers",
+            format!("single_transformer_blocks.{}.norm.linear.weight", c.num_single_layers),
+        ),
+    ];
+    for (key, name) in extra {
+        if w.contains(&name) {
+            return Err(ModelError::config(
+                config_path,
+                key,
+                format!("the weights in {} have more blocks (found `{name}`)", w.path().display()),
+            ));
+        }
+    }
+    let guidance = "time_text_embed.guidance_embedder.linear_1.weight";
+    if !c.guidance_embeds && w.contains(guidance) {
+        return Err(ModelError::config(
+            config_path,
+            "guidance_embeds",
+            format!("false, but the weights in {} have `{guidance}`", w.path().display()),
+        ));
+    }
+    Ok(())
+}

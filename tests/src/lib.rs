@@ -1,0 +1,65 @@
+//! Shared harness for the end-to-end tests: a real server on `127.0.0.1:0` serving a tiny FLUX
+//! model that `make parity-data` builds with diffusers.
+use std::path::PathBuf;
+
+use denoised_server::config::{Config, ModelEntry};
+use denoised_server::server::{self, RunningServer};
+
+/// Name under which the test server serves the tiny model.
+pub const MODEL: &str = "tiny";
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The tiny random FLUX pipeline (diffusers layout) the parity data script writes.
+pub fn tiny_model_dir() -> PathBuf {
+    let data = std::env::var_os("DENOISED_PARITY_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("tests/parity/data"));
+    let dir = data.join(TINY_MODEL_FOLDER);
+    assert!(
+        dir.join("model_index.json").is_file(),
+        "{} is missing: run `make parity-data` first",
+        dir.display()
+    );
+    dir
+}
+
+const TINY_MODEL_FOLDER: &str = "flux_schnell_tiny";
+
+/// A server on a free loopback port, serving the tiny model on the CPU.
+pub struct TestServer {
+    pub running: RunningServer,
+    pub url: String,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the default test config adjusted by `configure`.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            models: vec![ModelEntry {
+                name: MODEL.into(),
+                path: tiny_model_dir(),
+                max_sequence_length: Some(16),
+            }],
+            device: "cpu".into(),
+            dtype: "float32".into(),
+            ..Config::default()
+        };
+        configure(&mut config);
+        let running = server::start(config).await.expect("server starts");
+        let url = format!("http://{}", running.addr);
+        Self { running, url }
+    }
+
+    pub async fn stop(self) {
+        self.running.shutdown().await.expect("clean shutdown");
+    }
+}

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 use crate::cache::CacheConfig;
 use crate::error::{Error, Result};
@@ -112,7 +112,7 @@ impl Client {
     }
 
     /// A deadline for each unary call (everything but `generate`), sent to the server as
-    /// `grpc-timeout` and enforced locally; a late call fails with `DeadlineExceeded`.
+    /// `grpc-timeout` and enforced by the client too; a late call fails with `DeadlineExceeded`.
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = Some(timeout);
         self
@@ -123,24 +123,18 @@ impl Client {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    /// Runs one unary call under the configured deadline.
+    /// Runs one unary call under the configured deadline (tonic's channel enforces the
+    /// `grpc-timeout` it sends; see `From<Status> for Error` for the code).
     async fn unary<M, T, F, Fut>(&self, message: M, call: F) -> Result<T>
     where
         F: FnOnce(Rpc, Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut request = Request::new(message);
-        let Some(timeout) = self.timeout else {
-            return Ok(call(self.rpc(), request).await?.into_inner());
-        };
-        request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, call(self.rpc(), request)).await {
-            Ok(response) => Ok(response?.into_inner()),
-            Err(_) => Err(Error::Status {
-                code: Code::DeadlineExceeded,
-                message: format!("no response within {timeout:?}"),
-            }),
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
         }
+        Ok(call(self.rpc(), request).await?.into_inner())
     }
 
     /// The models the server serves.
@@ -379,6 +373,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     fn lazy_client() -> Client {
         Client::from_channel(Endpoint::from_static("http://127.0.0.1:1").connect_lazy())

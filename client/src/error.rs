@@ -71,6 +71,17 @@ impl Error {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
+        // tonic reports its own client-side deadline as CANCELLED; gRPC says DEADLINE_EXCEEDED.
+        let mut source = std::error::Error::source(&status);
+        while let Some(err) = source {
+            if err.is::<tonic::TimeoutExpired>() {
+                return Error::Status {
+                    code: Code::DeadlineExceeded,
+                    message: format!("deadline exceeded ({})", status.message()),
+                };
+            }
+            source = err.source();
+        }
         Error::Status {
             code: status.code(),
             message: status.message().to_owned(),

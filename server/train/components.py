@@ -7,11 +7,9 @@ checkpoint. Sizes are chosen to train in minutes on two CPU cores and to stay we
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
-import tempfile
+import string
 from collections import Counter
 from pathlib import Path
 
@@ -123,27 +121,30 @@ def build_clip_tokenizer(out_dir: Path):
 
 
 def build_t5_tokenizer(out_dir: Path):
-    """T5 SentencePiece Unigram tokenizer (`<pad>`=0, `</s>`=1, `<unk>`=2, nmt_nfkc) trained on every
-    dataset prompt, single-threaded (deterministic). Saved like FLUX's `tokenizer_2/` (tokenizer.json
-    + spiece.model); `model_max_length` is the model's max_sequence_length, so loaders that take the
-    T5 budget from the tokenizer config use the length the transformer was trained with."""
-    import sentencepiece as spm
+    """T5 Unigram tokenizer (`<pad>`=0, `</s>`=1, `<unk>`=2) whose pieces are the dataset words (one
+    piece each, `▁word`) plus `▁` and printable ASCII characters as a low-scoring fallback, so other
+    text still tokenizes. Built through transformers' own T5Tokenizer(vocab=...) so the saved
+    tokenizer.json is exactly the pipeline transformers runs (a hand-made normalizer would be ignored
+    by transformers but honoured by the `tokenizers` crate). (SentencePiece's trainer does not keep
+    whole words on a corpus this small.) `model_max_length` is the model's max_sequence_length, so
+    loaders that take the T5 budget from the tokenizer config use the length it was trained with."""
     from transformers import T5TokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(dataset.all_prompts()), model_writer=model, vocab_size=128, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>", normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spiece.model").write_bytes(model.getvalue())
-        tok = T5TokenizerFast.from_pretrained(tmp, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
-        tok.save_pretrained(str(out_dir))
-        shutil.copy(Path(tmp) / "spiece.model", out_dir / "spiece.model")
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in dataset.vocabulary()]
+             + [("\u2581", -5.0)] + [(c, -8.0) for c in chars])
+    T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH).save_pretrained(str(out_dir))
     special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    return T5TokenizerFast.from_pretrained(str(out_dir))
+    tok = T5TokenizerFast.from_pretrained(str(out_dir))
+    # The Rust server reads tokenizer.json with the `tokenizers` crate: it must give transformers' ids.
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    for text in dataset.all_prompts()[:50] + ["  A Red  CIRCLE, zebra! \u2603", ""]:
+        assert raw.encode(text).ids == tok(text).input_ids, text
+    return tok
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -197,4 +198,4 @@ def folder_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"io", "os", "json", "shutil", "tempfile"}]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"os", "json", "string"}]

@@ -27,7 +27,7 @@ pub fn tiny_model_dir() -> PathBuf {
     dir
 }
 
-const TINY_MODEL_FOLDER: &str = "flux_schnell_tiny";
+const TINY_MODEL_FOLDER: &str = "schnell_like";
 
 /// A server on a free loopback port, serving the tiny model on the CPU.
 pub struct TestServer {

@@ -191,7 +191,7 @@ impl TransformerHooks for FasterCache {
                 self.reuse_uncond = !c.is_guidance_distilled
                     && iteration > 0
                     && c.unconditional_batch_timestep_skip_range.contains(ctx.timestep)
-                    && iteration % c.unconditional_batch_skip_range as u64 != 0;
+                    && !iteration.is_multiple_of(c.unconditional_batch_skip_range as u64);
                 Decision::Compute
             }
             Branch::Uncond => {
@@ -242,7 +242,7 @@ impl TransformerHooks for FasterCache {
         let state = self.attention.get_mut(self.branch).entry(id.flat_index).or_default();
         let iteration = state.iteration;
         state.iteration += 1;
-        let skip = skip_candidate && !(iteration > 0 && iteration % n == 0);
+        let skip = skip_candidate && !(iteration > 0 && iteration.is_multiple_of(n));
         match state.cache.take() {
             Some([older, newer]) if skip => {
                 let predicted = extrapolate(&older, &newer, w);
@@ -294,5 +294,147 @@ impl CacheStrategy for FasterCache {
                 deltas.map(|d| &d.0),
                 deltas.map(|d| &d.1),
             ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+    use crate::cache::config::AttentionWeight;
+    use crate::cache::hooks::StepStats;
+    use crate::cache::test_util::{attn_decisions, ctx, single, Toy};
+    use crate::cache::NoCache;
+
+    fn config(distilled: bool) -> FasterCacheConfig {
+        FasterCacheConfig {
+            spatial_attention_block_skip_range: 2,
+            temporal_attention_block_skip_range: None,
+            spatial_attention_timestep_skip_range: TimestepRange::new(-1.0, 681.0),
+            temporal_attention_timestep_skip_range: TimestepRange::new(-1.0, 681.0),
+            low_frequency_weight_update_timestep_range: TimestepRange::new(99.0, 901.0),
+            high_frequency_weight_update_timestep_range: TimestepRange::new(-1.0, 301.0),
+            alpha_low_frequency: 1.1,
+            alpha_high_frequency: 1.1,
+            unconditional_batch_skip_range: 5,
+            unconditional_batch_timestep_skip_range: TimestepRange::new(-1.0, 641.0),
+            attention_weight: AttentionWeight::Constant(0.5),
+            is_guidance_distilled: distilled,
+        }
+    }
+
+    /// 1000, 900, ..., 100.
+    fn timesteps(steps: usize) -> Vec<f64> {
+        (0..steps).map(|i| 1000.0 * (1.0 - i as f64 / steps as f64)).collect()
+    }
+
+    #[test]
+    fn distilled_attention_schedule() {
+        // In range (t < 681) from call 4; computes at even calls there.
+        let mut fc = FasterCache::new(config(true));
+        assert_eq!(attn_decisions(&mut fc, &timesteps(10), Branch::Cond), "CCCCCPCPCP");
+        // Already in range at the first call: computes (diffusers fails there).
+        let mut fc = FasterCache::new(config(true));
+        assert_eq!(attn_decisions(&mut fc, &[500.0; 4], Branch::Cond), "CPCP");
+    }
+
+    #[test]
+    fn extrapolations_are_linear_and_cached() {
+        let mut c = config(true);
+        c.spatial_attention_block_skip_range = 3;
+        c.spatial_attention_timestep_skip_range = TimestepRange::new(-1.0, 1001.0);
+        let mut fc = FasterCache::new(c);
+        let id = single(0, 1, 2);
+        let mut seen = Vec::new();
+        for (step, value) in [1.0f32, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0].into_iter().enumerate() {
+            fc.before_forward(&ctx(step, 500.0, Branch::Cond));
+            seen.push(match fc.before_attention(&id) {
+                Decision::Compute => {
+                    fc.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[value])));
+                    value as f64
+                }
+                Decision::Predict(AttnOutput::Single(t)) => t.double_value(&[0]),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        // [c0, c0] -> c0 twice; compute 5; 5 + (5 - 1) / 2 = 7; 7 + (7 - 5) / 2 = 8; compute at 6.
+        assert_eq!(seen, [1.0, 1.0, 1.0, 5.0, 7.0, 8.0, 0.0]);
+    }
+
+    #[test]
+    fn uncond_reuse_and_the_cond_attention_schedule() {
+        let toy = Toy { dual: 1, single: 1 };
+        let mut fc = FasterCache::new(config(false));
+        let letters = toy.run(&mut fc, &timesteps(10), &[Branch::Cond, Branch::Uncond]);
+        // Uncond (t < 641 from step 4): rebuilt except at iterations that are multiples of 5.
+        assert_eq!(letters[1], "CCCCFCFFFF");
+        // Cond attention extrapolates only at odd calls of steps whose uncond is rebuilt.
+        assert_eq!(letters[0], "CCCCCCCPCP");
+        assert!(fc.attention.uncond.is_empty());
+        // Without an unconditional pass the conditional one follows its own schedule.
+        let mut fc = FasterCache::new(config(false));
+        assert_eq!(toy.run(&mut fc, &timesteps(10), &[Branch::Cond])[0], "CCCCCPCPCP");
+        // Distilled with true CFG: no reuse, each branch extrapolates on its own.
+        let mut fc = FasterCache::new(config(true));
+        let letters = toy.run(&mut fc, &timesteps(10), &[Branch::Cond, Branch::Uncond]);
+        assert_eq!(letters, ["CCCCCPCPCP", "CCCCCPCPCP"]);
+    }
+
+    /// True outputs of the toy, per step and branch.
+    fn reference(toy: &Toy, step: usize, branch: Branch) -> Tensor {
+        toy.forward(&mut NoCache, &ctx(step, 500.0, branch), &mut StepStats::default())
+    }
+
+    #[test]
+    fn rebuilt_uncond_is_cond_plus_weighted_band_deltas() {
+        let toy = Toy { dual: 1, single: 1 };
+        let mut c = config(false);
+        // No attention extrapolation, so the conditional outputs are exact.
+        c.spatial_attention_timestep_skip_range = TimestepRange::new(-1.0, 0.0);
+        c.unconditional_batch_timestep_skip_range = TimestepRange::new(-1.0, 1001.0);
+        c.low_frequency_weight_update_timestep_range = TimestepRange::new(-1.0, 1001.0);
+        c.high_frequency_weight_update_timestep_range = TimestepRange::new(-1.0, 1001.0);
+        let delta0 = reference(&toy, 0, Branch::Uncond) - reference(&toy, 0, Branch::Cond);
+        for (alpha_low, alpha_high) in [(1.0, 1.0), (1.1, 1.1), (1.5, 0.5)] {
+            c.alpha_low_frequency = alpha_low;
+            c.alpha_high_frequency = alpha_high;
+            let mut fc = FasterCache::new(c.clone());
+            for step in 0..3 {
+                let mut stats = StepStats::default();
+                let _ = toy.forward(&mut fc, &ctx(step, 500.0, Branch::Cond), &mut stats);
+                let uncond = toy.forward(&mut fc, &ctx(step, 500.0, Branch::Uncond), &mut stats);
+                assert_eq!(stats.forwards.predicted, (step > 0) as u32);
+                // Weights compound: alpha^step on each band of the step-0 delta.
+                let (low, high) = split_bands(&unpack(&delta0, 16, 16));
+                let weighted = low * (alpha_low as f64).powi(step as i32) + high * (alpha_high as f64).powi(step as i32);
+                let expected = reference(&toy, step, Branch::Cond) + pack(&from_bands(&weighted));
+                let err = (uncond - expected).abs().max().double_value(&[]);
+                assert!(err < 1e-5, "alphas ({alpha_low}, {alpha_high}) step {step}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn bands_split_the_spectrum() {
+        let x = Tensor::randn([2, 3, 16, 12], (Kind::Float, Device::Cpu));
+        let (low, high) = split_bands(&x);
+        // Radius floor(12 / 5) = 2 around (8, 6): 13 points of the disc.
+        let mask = low.abs().gt(0.0).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(mask, 2 * 3 * 13);
+        assert!(from_bands(&(low + high)).allclose(&x, 1e-5, 1e-5, false));
+        let packed = Tensor::randn([1, 64, 8], (Kind::Float, Device::Cpu));
+        assert!(pack(&unpack(&packed, 16, 16)).equal(&packed));
+    }
+
+    #[test]
+    fn state_bytes_count_outputs_deltas_and_attention() {
+        let toy = Toy { dual: 1, single: 1 };
+        let mut fc = FasterCache::new(config(false));
+        toy.run(&mut fc, &[1000.0], &[Branch::Cond, Branch::Uncond]);
+        let cond_output = 64 * 8 * 4;
+        let deltas = 2 * (2 * 16 * 16) * 8;
+        let attention = (64 + 3) * 8 * 4 + 67 * 8 * 4;
+        assert_eq!(fc.state_bytes(), (cond_output + deltas + attention) as u64);
     }
 }

@@ -114,3 +114,60 @@ impl CacheStrategy for FirstBlockCache {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::hooks::StepStats;
+    use crate::cache::test_util::{ctx, Toy};
+
+    fn fbc(threshold: f32) -> FirstBlockCache {
+        FirstBlockCache::new(FirstBlockCacheConfig { threshold })
+    }
+
+    #[test]
+    fn skips_while_the_head_residual_is_similar() {
+        let toy = Toy { dual: 2, single: 2 };
+        // The toy's inputs drift by 0.05 per step: the head residual changes by a few percent.
+        let loose = toy.run(&mut fbc(0.5), &[500.0; 6], &[Branch::Cond]);
+        assert_eq!(loose[0], "CSSSSS");
+        let strict = toy.run(&mut fbc(0.0), &[500.0; 6], &[Branch::Cond]);
+        assert_eq!(strict[0], "CCCCCC");
+    }
+
+    #[test]
+    fn skipped_forward_is_head_output_plus_cached_tail_residual() {
+        let toy = Toy { dual: 2, single: 2 };
+        let mut s = fbc(1.0);
+        let mut none = crate::cache::NoCache;
+        let full0 = toy.forward(&mut none, &ctx(0, 500.0, Branch::Cond), &mut StepStats::default());
+        let out0 = toy.forward(&mut s, &ctx(0, 500.0, Branch::Cond), &mut StepStats::default());
+        assert!(out0.equal(&full0));
+        let head0 = s.states.cond.head_output.as_ref().unwrap().hidden.shallow_clone();
+        let tail_residual = s.states.cond.tail_residuals.as_ref().unwrap().hidden.shallow_clone();
+        let mut stats = StepStats::default();
+        let out1 = toy.forward(&mut s, &ctx(1, 500.0, Branch::Cond), &mut stats);
+        assert_eq!((stats.blocks.computed, stats.blocks.skipped), (1, 3));
+        // References stay at step 0; the output is (head output at step 1 + residual) * 0.5.
+        assert!(s.states.cond.head_output.as_ref().unwrap().hidden.equal(&head0));
+        // The toy's first block adds tanh(0.1 x) to the image stream.
+        let (hidden1, _) = Toy::inputs(1, Branch::Cond);
+        let head1 = &hidden1 + (&hidden1 * 0.1).tanh();
+        let expected = (&tail_residual + head1) * 0.5;
+        assert!(out1.allclose(&expected, 1e-6, 1e-6, false));
+        assert!(out1.subtract(&full0).abs().max().double_value(&[]) > 0.0);
+        // Head output (2 tensors), head residual, tail residuals (2 tensors), float32.
+        assert_eq!(s.state_bytes(), ((64 + 3) * 8 + 64 * 8 + (64 + 3) * 8) * 4);
+    }
+
+    #[test]
+    fn branches_are_isolated() {
+        let toy = Toy { dual: 1, single: 1 };
+        let mut s = fbc(0.5);
+        let letters = toy.run(&mut s, &[500.0; 3], &[Branch::Cond, Branch::Uncond]);
+        assert_eq!(letters, ["CSS", "CSS"]);
+        let cond = &s.states.cond.head_residual.as_ref().unwrap();
+        let uncond = &s.states.uncond.head_residual.as_ref().unwrap();
+        assert!(!cond.allclose(uncond, 1e-3, 1e-3, false));
+    }
+}

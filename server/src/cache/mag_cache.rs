@@ -221,3 +221,127 @@ impl CacheStrategy for MagCache {
             .or_else(|| (!cond.calibration.is_empty()).then(|| cond.calibration.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::config::FLUX_MAG_RATIOS;
+    use crate::cache::hooks::{resolve, ModuleCounts};
+    use crate::cache::test_util::{ctx, dual, Toy};
+
+    fn config(threshold: f32, steps: u32, ratios: &[f32]) -> MagCacheConfig {
+        MagCacheConfig {
+            threshold,
+            max_skip_steps: 3,
+            retention_ratio: 0.2,
+            num_inference_steps: steps,
+            mag_ratios: ratios.to_vec(),
+            calibrate: false,
+        }
+    }
+
+    fn schedule(c: MagCacheConfig, steps: usize) -> String {
+        let mut mc = MagCache::new(c);
+        let toy = Toy { dual: 1, single: 2 };
+        toy.run(&mut mc, &vec![500.0; steps], &[Branch::Cond])[0].replace('S', "s")
+    }
+
+    #[test]
+    fn flux_schedules_match_the_reference() {
+        assert_eq!(schedule(config(0.06, 28, &FLUX_MAG_RATIOS), 28), "CCCCCCsCsCsssCsssCsssCssCsCC");
+        assert_eq!(schedule(config(0.20, 28, &FLUX_MAG_RATIOS), 28), "CCCCCCsssCsssCsssCsssCsssCsC");
+        let full = |threshold, steps| schedule(config(threshold, steps as u32, &FLUX_MAG_RATIOS), steps).matches('C').count();
+        assert_eq!(full(0.10, 28), 13);
+        assert_eq!(full(0.24, 28), 11);
+        assert_eq!(full(0.06, 50), 26);
+    }
+
+    #[test]
+    fn ratios_are_resampled_like_diffusers() {
+        let ratios: Vec<f32> = (0..28).map(|i| i as f32).collect();
+        let got: Vec<usize> = nearest_interp(&ratios, 50).iter().map(|&r| r as usize).collect();
+        assert_eq!(&got[..12], [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 6]);
+        assert_eq!(&got[47..], [26, 26, 27]);
+        assert_eq!(nearest_interp(&ratios, 1), [27.0]);
+        assert_eq!(nearest_interp(&ratios, 28), ratios);
+    }
+
+    /// Two blocks that double the image stream; returns the forward's image output.
+    fn doubling_forward(mc: &mut MagCache, step: usize, x: f32) -> f32 {
+        let c = ctx(step, 500.0, Branch::Cond);
+        assert!(matches!(mc.before_forward(&c), Decision::Compute));
+        let mut io = BlockIo {
+            hidden: Tensor::from_slice(&[x]).view([1, 1, 1]),
+            encoder: Tensor::zeros([1, 1, 1], (Kind::Float, tch::Device::Cpu)),
+        };
+        for i in 0..2 {
+            let id = dual(i, 2);
+            let (next, computed) = resolve(mc.before_block(&id, &io), &mut ModuleCounts::default(), || BlockIo {
+                hidden: &io.hidden * 2.0,
+                encoder: io.encoder.shallow_clone(),
+            });
+            if computed {
+                mc.after_block(&id, &io, &next);
+            }
+            io = next;
+        }
+        mc.after_forward(&c, &io.hidden);
+        io.hidden.double_value(&[0, 0, 0]) as f32
+    }
+
+    #[test]
+    fn skipped_forwards_add_the_last_residual_and_state_resets_itself() {
+        let mut c = config(100.0, 3, &[1.0, 1.0, 1.0]);
+        c.retention_ratio = 0.0;
+        let mut mc = MagCache::new(c.clone());
+        assert_eq!(doubling_forward(&mut mc, 0, 10.0), 40.0);
+        assert_eq!(mc.state_bytes(), 4);
+        // Skipped: 11 + (40 - 10), where computing would give 44.
+        assert_eq!(doubling_forward(&mut mc, 1, 11.0), 41.0);
+        assert_eq!(doubling_forward(&mut mc, 2, 12.0), 42.0);
+        // num_inference_steps forwards done: fresh state, computes again.
+        assert_eq!(doubling_forward(&mut mc, 3, 2.0), 8.0);
+        // Retention covering every step: always computes.
+        c.retention_ratio = 1.0;
+        let mut mc = MagCache::new(c);
+        doubling_forward(&mut mc, 0, 10.0);
+        assert_eq!(doubling_forward(&mut mc, 1, 11.0), 44.0);
+    }
+
+    #[test]
+    fn calibration_records_ratios_and_never_skips() {
+        let c = MagCacheConfig {
+            calibrate: true,
+            mag_ratios: Vec::new(),
+            ..config(100.0, 3, &[])
+        };
+        let mut mc = MagCache::new(c);
+        assert_eq!(mc.calibrated_mag_ratios(), None);
+        assert_eq!(doubling_forward(&mut mc, 0, 10.0), 40.0);
+        assert_eq!(mc.calibrated_mag_ratios(), Some(vec![1.0]));
+        // Residuals 3x: ratio 33 / 30.
+        assert_eq!(doubling_forward(&mut mc, 1, 11.0), 44.0);
+        assert_eq!(doubling_forward(&mut mc, 2, 5.0), 20.0);
+        let expected = vec![1.0, (33.0f32 / (30.0 + 1e-8)), 15.0 / (33.0 + 1e-8)];
+        assert_eq!(mc.calibrated_mag_ratios(), Some(expected.clone()));
+        // The completed run stays reported while a new one starts.
+        doubling_forward(&mut mc, 3, 1.0);
+        assert_eq!(mc.calibrated_mag_ratios(), Some(expected));
+        // Not calibrating: nothing to report.
+        assert_eq!(MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS)).calibrated_mag_ratios(), None);
+    }
+
+    #[test]
+    fn branches_keep_separate_curves() {
+        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS));
+        let toy = Toy { dual: 1, single: 1 };
+        let letters = toy.run(&mut mc, &vec![500.0; 28], &[Branch::Cond, Branch::Uncond]);
+        assert_eq!(letters[0], "CCCCCCSCSCSSSCSSSCSSSCSSCSCC");
+        assert_eq!(letters[1], letters[0]);
+        // One residual per branch: [1, 64, 8] float32 each.
+        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS));
+        toy.run(&mut mc, &[500.0], &[Branch::Cond, Branch::Uncond]);
+        assert_eq!(mc.state_bytes(), 2 * 64 * 8 * 4);
+        assert_eq!((mc.states.cond.step_index, mc.states.uncond.step_index), (1, 1));
+    }
+}

@@ -325,3 +325,60 @@ mod test_util {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::config::{FirstBlockCacheConfig, MagCacheConfig};
+
+    #[test]
+    fn every_kind_builds_with_empty_state() {
+        let configs = [
+            CacheConfig::None,
+            CacheConfig::from_proto(
+                Some(&pb::CacheConfig {
+                    strategy: Some(pb::cache_config::Strategy::PyramidAttentionBroadcast(Default::default())),
+                }),
+                "cache",
+            )
+            .unwrap(),
+            CacheConfig::from_proto(
+                Some(&pb::CacheConfig {
+                    strategy: Some(pb::cache_config::Strategy::FasterCache(Default::default())),
+                }),
+                "cache",
+            )
+            .unwrap(),
+            CacheConfig::from_proto(
+                Some(&pb::CacheConfig {
+                    strategy: Some(pb::cache_config::Strategy::TaylorSeer(Default::default())),
+                }),
+                "cache",
+            )
+            .unwrap(),
+            CacheConfig::FirstBlockCache(FirstBlockCacheConfig { threshold: 0.05 }),
+            CacheConfig::MagCache(MagCacheConfig {
+                threshold: 0.06,
+                max_skip_steps: 3,
+                retention_ratio: 0.2,
+                num_inference_steps: 28,
+                mag_ratios: config::FLUX_MAG_RATIOS.to_vec(),
+                calibrate: false,
+            }),
+        ];
+        for config in &configs {
+            let strategy = build_strategy(config).unwrap();
+            assert_eq!(strategy.kind(), config.kind());
+            assert_eq!(strategy.state_bytes(), 0);
+        }
+        assert_eq!(supported_kinds().len(), configs.len());
+    }
+
+    #[test]
+    fn typed_values_round_trip_as_decimals() {
+        assert_eq!(as_typed(0.7), 0.7);
+        assert_eq!(as_typed(0.05), 0.05);
+        assert_eq!(as_typed(1e-8), 1e-8);
+        assert_eq!(as_typed(0.25), 0.25);
+    }
+}

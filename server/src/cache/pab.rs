@@ -69,7 +69,7 @@ impl TransformerHooks for PyramidAttentionBroadcast {
         let iteration = state.iteration;
         state.iteration += 1;
         match &state.cache {
-            Some(cache) if iteration != 0 && range.contains(self.timestep) && iteration % n as u64 != 0 => {
+            Some(cache) if iteration != 0 && range.contains(self.timestep) && !iteration.is_multiple_of(n as u64) => {
                 Decision::Reuse(cache.shallow_clone())
             }
             _ => Decision::Compute,

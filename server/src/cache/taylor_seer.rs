@@ -175,13 +175,16 @@ impl ModuleState {
             .iter()
             .zip(&self.kinds)
             .map(|(factors, &kind)| {
-                let mut out = factors[0].to_kind(kind);
-                for (k, factor) in factors.iter().enumerate().skip(1) {
-                    // m^k / k!, exactly as Python's `(m ** k) / math.factorial(k)` for these sizes.
-                    let coeff = m.powi(k as i32) / (1..=k).product::<usize>() as f64;
-                    out = out + factor.to_kind(kind) * coeff;
-                }
-                out
+                // Not `+=`: order 0 may alias the stored factor, which must stay intact.
+                factors
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .fold(factors[0].to_kind(kind), |out, (k, factor)| {
+                        // m^k / k!, exactly as Python's `(m ** k) / math.factorial(k)` here.
+                        let coeff = m.powi(k as i32) / (1..=k).product::<usize>() as f64;
+                        out + factor.to_kind(kind) * coeff
+                    })
             })
             .collect()
     }

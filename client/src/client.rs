@@ -184,7 +184,11 @@ impl Client {
                 rpc.list_sessions(r).await
             })
             .await?;
-        Ok(response.sessions.into_iter().map(SessionInfo::from).collect())
+        Ok(response
+            .sessions
+            .into_iter()
+            .map(SessionInfo::from)
+            .collect())
     }
 
     /// Runs one generation on an ephemeral session with `cache`, closed when it ends.
@@ -261,9 +265,10 @@ impl SessionBuilder {
     async fn create(self) -> Result<Session> {
         let (client, request) = self.into_proto()?;
         let info = client
-            .unary(request, |mut rpc, r| async move {
-                rpc.create_session(r).await
-            })
+            .unary(
+                request,
+                |mut rpc, r| async move { rpc.create_session(r).await },
+            )
             .await?;
         tracing::debug!(session = %info.session_id, model = %info.model, "session created");
         Ok(client.session(info.session_id))
@@ -300,7 +305,10 @@ impl Session {
         };
         let session = self
             .client
-            .unary(request, |mut rpc, r| async move { rpc.get_session(r).await })
+            .unary(
+                request,
+                |mut rpc, r| async move { rpc.get_session(r).await },
+            )
             .await?;
         Ok(session.into())
     }
@@ -335,7 +343,10 @@ impl Session {
         };
         let session = self
             .client
-            .unary(request, |mut rpc, r| async move { rpc.reset_cache(r).await })
+            .unary(
+                request,
+                |mut rpc, r| async move { rpc.reset_cache(r).await },
+            )
             .await?;
         Ok(session.into())
     }
@@ -361,9 +372,10 @@ impl Session {
         };
         let response = self
             .client
-            .unary(request, |mut rpc, r| async move {
-                rpc.close_session(r).await
-            })
+            .unary(
+                request,
+                |mut rpc, r| async move { rpc.close_session(r).await },
+            )
             .await?;
         tracing::debug!(session = %self.id, freed = response.freed_cache_bytes, "session closed");
         Ok(response.freed_cache_bytes)

@@ -553,7 +553,10 @@ pub(crate) mod tests {
         assert!(matches!(s.next().await, Some(Ok(Event::Started(_)))));
         assert!(matches!(s.next().await, Some(Ok(Event::Step(_)))));
         let err = s.next().await.unwrap().unwrap_err();
-        assert!(matches!(err, Error::IncompleteStream { steps_seen: 1 }), "{err}");
+        assert!(
+            matches!(err, Error::IncompleteStream { steps_seen: 1 }),
+            "{err}"
+        );
         assert!(s.next().await.is_none());
 
         let s = stream(vec![Ok(started(2))]);

@@ -185,7 +185,11 @@ mod tests {
         assert_eq!(info.guidance, 0.0..=10.0);
         assert_eq!(
             info.supported_caches,
-            [CacheKind::None, CacheKind::TaylorSeer, CacheKind::Unspecified]
+            [
+                CacheKind::None,
+                CacheKind::TaylorSeer,
+                CacheKind::Unspecified
+            ]
         );
     }
 
@@ -194,7 +198,11 @@ mod tests {
         let info = SessionInfo::from(v1::Session {
             session_id: "s1".into(),
             model: "flux-tiny".into(),
-            cache: Some(CacheConfig::parse("fbc:threshold=0.1").unwrap().into_proto()),
+            cache: Some(
+                CacheConfig::parse("fbc:threshold=0.1")
+                    .unwrap()
+                    .into_proto(),
+            ),
             cache_state_bytes: 1024,
             generations_run: 2,
             generating: true,

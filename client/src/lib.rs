@@ -40,9 +40,8 @@ mod request;
 mod trace;
 
 pub use cache::{
-    AttentionWeight, CacheConfig, CacheKind, FactorDtype, FasterCacheConfig,
-    FirstBlockCacheConfig, MagCacheConfig, ParseCacheConfigError,
-    PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
+    AttentionWeight, CacheConfig, CacheKind, FactorDtype, FasterCacheConfig, FirstBlockCacheConfig,
+    MagCacheConfig, ParseCacheConfigError, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
 };
 pub use client::{Client, Session, SessionBuilder};
 pub use error::{Error, Result};

@@ -253,13 +253,13 @@ impl GenerateRequest {
     /// Rejects values that no server would accept, before a round trip.
     pub fn validate(&self) -> Result<()> {
         let finite = |name: &str, v: Option<f32>| match v {
-            Some(v) if !v.is_finite() => Err(Error::invalid(format!("{name} must be finite"))),
+            Some(v) if !v.is_finite() => Err(Error::invalid(format!("`{name}` must be finite"))),
             _ => Ok(()),
         };
         finite("guidance", self.guidance)?;
         finite("true_cfg_scale", self.true_cfg_scale)?;
         if self.true_cfg_scale.is_some_and(|s| s < 0.0) {
-            return Err(Error::invalid("true_cfg_scale must not be negative"));
+            return Err(Error::invalid("`true_cfg_scale` must not be negative"));
         }
         Ok(())
     }
@@ -368,7 +368,7 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.to_string().contains("guidance must be finite"));
+        assert!(err.to_string().contains("`guidance` must be finite"));
         assert!(GenerateRequest::new("x")
             .true_cfg_scale(-1.0)
             .validate()

@@ -127,7 +127,10 @@ mod tests {
             unsampled.to_string(),
             "00-01010101010101010101010101010101-0202020202020202-00"
         );
-        assert_eq!(unsampled.to_string().parse::<TraceParent>().unwrap(), unsampled);
+        assert_eq!(
+            unsampled.to_string().parse::<TraceParent>().unwrap(),
+            unsampled
+        );
     }
 
     #[test]

@@ -8,7 +8,11 @@ use serde::Deserialize;
 
 /// Command-line flags of `denoised`. Each one overrides the same key of the TOML file.
 #[derive(Debug, Default, clap::Parser)]
-#[command(name = "denoised", version, about = "Diffusion transformers with step caching, over gRPC")]
+#[command(
+    name = "denoised",
+    version,
+    about = "Diffusion transformers with step caching, over gRPC"
+)]
 pub struct Args {
     /// TOML configuration file (keys as in `deploy/denoised.toml`).
     #[arg(long, env = "DENOISED_CONFIG")]
@@ -114,7 +118,10 @@ impl Default for Config {
 fn default_models() -> Vec<ModelEntry> {
     let candidates = [
         std::env::var_os("DENOISED_DEFAULT_MODEL").map(PathBuf::from),
-        Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/default"))),
+        Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/default"
+        ))),
     ];
     candidates
         .into_iter()
@@ -132,9 +139,15 @@ fn default_models() -> Vec<ModelEntry> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {source}", path.display())]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("--model `{0}`: expected NAME=PATH")]
     ModelFlag(String),
     #[error("model name `{0}` is used twice")]
@@ -153,7 +166,11 @@ impl Config {
             config.listen = listen;
         }
         if !args.models.is_empty() {
-            config.models = args.models.iter().map(|m| parse_model_flag(m)).collect::<Result<_, _>>()?;
+            config.models = args
+                .models
+                .iter()
+                .map(|m| parse_model_flag(m))
+                .collect::<Result<_, _>>()?;
         }
         if let Some(device) = &args.device {
             config.device = device.clone();
@@ -196,7 +213,10 @@ impl Config {
             return Err(invalid("limits.max_sessions", "must be at least 1"));
         }
         if l.max_active_generations == 0 {
-            return Err(invalid("limits.max_active_generations", "must be at least 1"));
+            return Err(invalid(
+                "limits.max_active_generations",
+                "must be at least 1",
+            ));
         }
         if l.stream_buffer == 0 {
             return Err(invalid("limits.stream_buffer", "must be at least 1"));
@@ -204,7 +224,8 @@ impl Config {
         if l.max_steps == 0 {
             return Err(invalid("limits.max_steps", "must be at least 1"));
         }
-        if l.default_idle_timeout_secs == 0 || l.default_idle_timeout_secs > l.max_idle_timeout_secs {
+        if l.default_idle_timeout_secs == 0 || l.default_idle_timeout_secs > l.max_idle_timeout_secs
+        {
             return Err(invalid(
                 "limits.default_idle_timeout_secs",
                 "must be positive and at most limits.max_idle_timeout_secs",
@@ -255,7 +276,10 @@ mod tests {
 
     #[test]
     fn example_config_parses() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/denoised.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/denoised.toml"
+        ));
         let c = Config::from_file(path).unwrap();
         c.validate().unwrap();
         assert_eq!(c.models[0].name, "default");
@@ -263,10 +287,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(matches!(parse_model_flag("nopath"), Err(ConfigError::ModelFlag(_))));
+        assert!(matches!(
+            parse_model_flag("nopath"),
+            Err(ConfigError::ModelFlag(_))
+        ));
         let mut c = Config::default();
         c.limits.max_sessions = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("limits.max_sessions"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.max_sessions"));
         let bad: Result<Config, _> = toml::from_str("unknown_key = 1");
         assert!(bad.is_err());
     }

@@ -21,7 +21,10 @@ pub enum StartError {
     #[error(transparent)]
     Engine(#[from] EngineStartError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -65,10 +68,18 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .iter()
         .map(|m| {
             let entry = config.models.iter().find(|e| e.name == m.name);
-            (m.name.clone(), entry.and_then(|e| e.max_sequence_length).unwrap_or(512))
+            (
+                m.name.clone(),
+                entry.and_then(|e| e.max_sequence_length).unwrap_or(512),
+            )
         })
         .collect();
-    let service = DenoiserService::new(engine, Arc::clone(&sessions), config.limits.clone(), max_sequence_lengths);
+    let service = DenoiserService::new(
+        engine,
+        Arc::clone(&sessions),
+        config.limits.clone(),
+        max_sequence_lengths,
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -84,10 +95,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use denoised_server::cache::hooks::{
-    AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, NoHooks, StepStats, TransformerHooks,
+    AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, NoHooks, StepStats,
+    TransformerHooks,
 };
 use denoised_server::models::flux::transformer::FluxTransformer;
 use denoised_server::models::scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig};
@@ -48,7 +49,9 @@ fn read_reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn get<'a>(reference: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    reference.get(key).unwrap_or_else(|| panic!("reference has no `{key}`"))
+    reference
+        .get(key)
+        .unwrap_or_else(|| panic!("reference has no `{key}`"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -60,19 +63,28 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or_else(|| panic!("manifest: `{key}` is not a string in {v}"))
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("manifest: `{key}` is not a string in {v}"))
 }
 
 fn usize_field(v: &Value, key: &str) -> usize {
-    v[key].as_u64().unwrap_or_else(|| panic!("manifest: `{key}` is not a number in {v}")) as usize
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("manifest: `{key}` is not a number in {v}")) as usize
 }
 
 fn f64_field(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("manifest: `{key}` is not a number in {v}"))
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("manifest: `{key}` is not a number in {v}"))
 }
 
 fn models() -> Vec<Value> {
-    manifest()["models"].as_array().expect("manifest: no `models`").clone()
+    manifest()["models"]
+        .as_array()
+        .expect("manifest: no `models`")
+        .clone()
 }
 
 fn model_dir(model: &Value) -> PathBuf {
@@ -87,8 +99,11 @@ struct BlockRecorder {
 
 impl TransformerHooks for BlockRecorder {
     fn after_block(&mut self, id: &BlockId, _input: &BlockIo, output: &BlockIo) {
-        self.outputs
-            .push((*id, output.hidden.shallow_clone(), output.encoder.shallow_clone()));
+        self.outputs.push((
+            *id,
+            output.hidden.shallow_clone(),
+            output.encoder.shallow_clone(),
+        ));
     }
 }
 
@@ -130,21 +145,35 @@ fn forward_reference(
 fn transformer_forward_matches_diffusers() {
     for model in models() {
         let name = str_field(&model, "name");
-        let transformer = FluxTransformer::load(&model_dir(&model).join("transformer"), Device::Cpu, Kind::Float)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let transformer = FluxTransformer::load(
+            &model_dir(&model).join("transformer"),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         let reference = read_reference(str_field(&model, "forward_reference"));
         let mut recorder = BlockRecorder::default();
         let mut stats = StepStats::default();
         let out = forward_reference(&transformer, &reference, &mut recorder, &mut stats);
 
-        let num_blocks = usize_field(&model, "num_layers") + usize_field(&model, "num_single_layers");
-        assert_eq!(recorder.outputs.len(), num_blocks, "{name}: blocks reported");
+        let num_blocks =
+            usize_field(&model, "num_layers") + usize_field(&model, "num_single_layers");
+        assert_eq!(
+            recorder.outputs.len(),
+            num_blocks,
+            "{name}: blocks reported"
+        );
         let mut worst_block = 0f64;
         for (flat, (id, hidden, encoder)) in recorder.outputs.iter().enumerate() {
             assert_eq!(id.flat_index, flat);
-            let d = max_abs_diff(hidden, get(&reference, &format!("block{flat}.hidden")))
-                .max(max_abs_diff(encoder, get(&reference, &format!("block{flat}.encoder"))));
-            assert!(d <= LATENT_TOLERANCE, "{name}: {} differs by {d:e}", id.name());
+            let d = max_abs_diff(hidden, get(&reference, &format!("block{flat}.hidden"))).max(
+                max_abs_diff(encoder, get(&reference, &format!("block{flat}.encoder"))),
+            );
+            assert!(
+                d <= LATENT_TOLERANCE,
+                "{name}: {} differs by {d:e}",
+                id.name()
+            );
             worst_block = worst_block.max(d);
         }
         let d = max_abs_diff(&out, get(&reference, "output"));
@@ -160,20 +189,31 @@ fn scheduler_matches_diffusers() {
     let manifest = manifest();
     let section = &manifest["scheduler"];
     let reference = read_reference(str_field(section, "reference"));
-    let cases = section["cases"].as_array().expect("manifest: no scheduler cases");
+    let cases = section["cases"]
+        .as_array()
+        .expect("manifest: no scheduler cases");
     for case in cases {
         let key = str_field(case, "key");
         let config: SchedulerConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(config, Path::new(key)).unwrap();
         let mu = scheduler.config().mu(usize_field(case, "image_seq_len"));
         assert_eq!(mu, f64_field(case, "mu"), "{key}: mu");
-        scheduler.set_timesteps(usize_field(case, "steps"), Some(mu)).unwrap();
-        for (what, ours) in [("sigmas", scheduler.sigmas()), ("timesteps", scheduler.timesteps())] {
-            let expected: Vec<f32> = Vec::try_from(get(&reference, &format!("{key}.{what}"))).unwrap();
+        scheduler
+            .set_timesteps(usize_field(case, "steps"), Some(mu))
+            .unwrap();
+        for (what, ours) in [
+            ("sigmas", scheduler.sigmas()),
+            ("timesteps", scheduler.timesteps()),
+        ] {
+            let expected: Vec<f32> =
+                Vec::try_from(get(&reference, &format!("{key}.{what}"))).unwrap();
             assert_eq!(ours, expected.as_slice(), "{key}: {what}");
         }
     }
-    println!("scheduler: {} schedules bit-identical to diffusers", cases.len());
+    println!(
+        "scheduler: {} schedules bit-identical to diffusers",
+        cases.len()
+    );
 }
 
 #[test]
@@ -182,8 +222,8 @@ fn pipeline_matches_diffusers() {
     let cases = manifest["cases"].as_array().expect("manifest: no `cases`");
     for model in models() {
         let name = str_field(&model, "name");
-        let pipeline =
-            FluxPipeline::load(&model_dir(&model), Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let pipeline = FluxPipeline::load(&model_dir(&model), Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         for case in cases.iter().filter(|c| c["model"] == model["name"]) {
             check_case(&pipeline, case);
         }
@@ -204,7 +244,9 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         seed: case["seed"].as_u64().unwrap(),
         max_sequence_length: usize_field(case, "max_sequence_length"),
     };
-    let mut gen = pipeline.prepare(&params).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut gen = pipeline
+        .prepare(&params)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     // The seeded noise must be exactly torch.Generator("cpu").manual_seed(seed)'s.
     assert_eq!(
         max_abs_diff(&gen.latents(), get(&reference, "noise")),
@@ -216,10 +258,25 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
     while !gen.is_done() {
         let mut stats = StepStats::default();
         let out = pipeline.step(&mut gen, &mut hooks, &mut stats);
-        let forwards = if params.true_cfg_scale > 1.0 && params.negative_prompt.is_some() { 2 } else { 1 };
-        assert_eq!(stats.forwards.computed, forwards, "{name}: forwards in step {}", out.index);
-        let d = max_abs_diff(&gen.latents(), get(&reference, &format!("step{}", out.index)));
-        assert!(d <= LATENT_TOLERANCE, "{name}: latents after step {} differ by {d:e}", out.index);
+        let forwards = if params.true_cfg_scale > 1.0 && params.negative_prompt.is_some() {
+            2
+        } else {
+            1
+        };
+        assert_eq!(
+            stats.forwards.computed, forwards,
+            "{name}: forwards in step {}",
+            out.index
+        );
+        let d = max_abs_diff(
+            &gen.latents(),
+            get(&reference, &format!("step{}", out.index)),
+        );
+        assert!(
+            d <= LATENT_TOLERANCE,
+            "{name}: latents after step {} differ by {d:e}",
+            out.index
+        );
         worst_step = worst_step.max(d);
     }
     assert_eq!(gen.step_index(), params.steps);
@@ -228,7 +285,10 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
     let (w, h, rgb) = FluxPipeline::to_rgb8(&pipeline.decode(&gen.latents()));
     assert_eq!(
         (w as usize, h as usize),
-        (usize_field(case, "image_width"), usize_field(case, "image_height")),
+        (
+            usize_field(case, "image_width"),
+            usize_field(case, "image_height")
+        ),
         "{name}: image size"
     );
     assert_eq!((gen.width(), gen.height()), (w as usize, h as usize));
@@ -238,9 +298,18 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         "pipeline {name}: final latents max|Δ| = {latents_diff:.3e} (worst step {worst_step:.3e}), \
          image max|Δ| = {image_diff} levels"
     );
-    assert!(latents_diff <= LATENT_TOLERANCE, "{name}: final latents differ by {latents_diff:e}");
-    assert!(image_diff <= IMAGE_TOLERANCE, "{name}: image differs by {image_diff} levels");
-    assert_eq!(gen.predicted_clean().size()[1], pipeline.spec().latent_channels as i64);
+    assert!(
+        latents_diff <= LATENT_TOLERANCE,
+        "{name}: final latents differ by {latents_diff:e}"
+    );
+    assert!(
+        image_diff <= IMAGE_TOLERANCE,
+        "{name}: image differs by {image_diff} levels"
+    );
+    assert_eq!(
+        gen.predicted_clean().size()[1],
+        pipeline.spec().latent_channels as i64
+    );
 }
 
 /// Records every hook call; optionally answers with canned decisions.
@@ -276,13 +345,20 @@ impl TransformerHooks for Recorder {
         self.calls.push(format!("after_block {}", id.flat_index));
     }
     fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
-        self.calls.push(format!("before_attention {}", id.attention_name()));
+        self.calls
+            .push(format!("before_attention {}", id.attention_name()));
         Decision::Compute
     }
     fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
         let joint = matches!(output, AttnOutput::Joint { .. });
-        assert_eq!(joint, id.kind == BlockKind::Dual, "{}: attention output kind", id.name());
-        self.calls.push(format!("after_attention {}", id.attention_name()));
+        assert_eq!(
+            joint,
+            id.kind == BlockKind::Dual,
+            "{}: attention output kind",
+            id.name()
+        );
+        self.calls
+            .push(format!("after_attention {}", id.attention_name()));
     }
     fn before_output_projection(&mut self) -> Decision<Tensor> {
         self.calls.push("before_output_projection".into());
@@ -296,8 +372,12 @@ impl TransformerHooks for Recorder {
 #[test]
 fn hooks_see_every_module_in_order() {
     let model = &models()[0];
-    let transformer =
-        FluxTransformer::load(&model_dir(model).join("transformer"), Device::Cpu, Kind::Float).unwrap();
+    let transformer = FluxTransformer::load(
+        &model_dir(model).join("transformer"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let reference = read_reference(str_field(model, "forward_reference"));
     let n = transformer.num_blocks();
     let dual = transformer.config().num_layers;
@@ -319,10 +399,22 @@ fn hooks_see_every_module_in_order() {
         expected.push(format!("after_attention {attn}"));
         expected.push(format!("after_block {i}"));
     }
-    expected.extend(["before_output_projection", "after_output_projection", "after_forward"].map(String::from));
+    expected.extend(
+        [
+            "before_output_projection",
+            "after_output_projection",
+            "after_forward",
+        ]
+        .map(String::from),
+    );
     assert_eq!(rec.calls, expected);
     assert_eq!(
-        (stats.forwards.computed, stats.blocks.computed, stats.attention.computed, stats.output_projection.computed),
+        (
+            stats.forwards.computed,
+            stats.blocks.computed,
+            stats.attention.computed,
+            stats.output_projection.computed
+        ),
         (1, n as u32, n as u32, 1)
     );
 
@@ -334,8 +426,14 @@ fn hooks_see_every_module_in_order() {
     let mut stats = StepStats::default();
     let out = forward_reference(&transformer, &reference, &mut rec, &mut stats);
     assert_eq!(out.size(), get(&reference, "output").size());
-    assert!(!rec.calls.iter().any(|c| c.starts_with("before_attention") || c.starts_with("after_block")));
-    assert_eq!((stats.blocks.skipped, stats.attention.total()), (n as u32, 0));
+    assert!(!rec
+        .calls
+        .iter()
+        .any(|c| c.starts_with("before_attention") || c.starts_with("after_block")));
+    assert_eq!(
+        (stats.blocks.skipped, stats.attention.total()),
+        (n as u32, 0)
+    );
     assert!(!stats.full_compute());
 
     // A reused forward returns the supplied tensor and runs nothing.
@@ -366,7 +464,10 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
         .find(|c| c["negative_prompt"].is_string())
         .expect("a true-CFG case")
         .clone();
-    let model = models().into_iter().find(|m| m["name"] == case["model"]).unwrap();
+    let model = models()
+        .into_iter()
+        .find(|m| m["name"] == case["model"])
+        .unwrap();
     let pipeline = FluxPipeline::load(&model_dir(&model), Device::Cpu, Kind::Float).unwrap();
     let params = GenerateParams {
         prompt: "a cat".into(),
@@ -384,18 +485,50 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
     let mut stats = StepStats::default();
     let out = pipeline.step(&mut gen, &mut rec, &mut stats);
     assert_eq!((out.index, out.total, out.sigma), (0, 2, 1.0));
-    let branches: Vec<&String> = rec.calls.iter().filter(|c| c.starts_with("before_forward")).collect();
+    let branches: Vec<&String> = rec
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("before_forward"))
+        .collect();
     assert_eq!(branches, ["before_forward Cond", "before_forward Uncond"]);
     assert_eq!(stats.forwards.computed, 2);
 
     // Invalid requests name the field.
     for (params, field) in [
-        (GenerateParams { width: 2, ..params.clone() }, "width"),
-        (GenerateParams { steps: 0, ..params.clone() }, "steps"),
-        (GenerateParams { max_sequence_length: 513, ..params.clone() }, "max_sequence_length"),
-        (GenerateParams { guidance: f32::NAN, ..params.clone() }, "guidance"),
+        (
+            GenerateParams {
+                width: 2,
+                ..params.clone()
+            },
+            "width",
+        ),
+        (
+            GenerateParams {
+                steps: 0,
+                ..params.clone()
+            },
+            "steps",
+        ),
+        (
+            GenerateParams {
+                max_sequence_length: 513,
+                ..params.clone()
+            },
+            "max_sequence_length",
+        ),
+        (
+            GenerateParams {
+                guidance: f32::NAN,
+                ..params.clone()
+            },
+            "guidance",
+        ),
     ] {
-        let err = pipeline.prepare(&params).err().expect("invalid params accepted").to_string();
+        let err = pipeline
+            .prepare(&params)
+            .err()
+            .expect("invalid params accepted")
+            .to_string();
         assert!(err.contains(&format!("`{field}`")), "{err}");
     }
 }
@@ -407,7 +540,10 @@ struct TempCopy(PathBuf);
 
 impl TempCopy {
     fn of(src: &Path, name: &str) -> Self {
-        let dst = std::env::temp_dir().join(format!("denoised-parity-flux-{}-{name}", std::process::id()));
+        let dst = std::env::temp_dir().join(format!(
+            "denoised-parity-flux-{}-{name}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dst);
         copy_dir(src, &dst);
         Self(dst)
@@ -490,29 +626,44 @@ fn broken_folders_fail_at_load_naming_file_and_key() {
     edit_json(&unknown.0.join("transformer/config.json"), |c| {
         c["_class_name"] = "SD3Transformer2DModel".into();
     });
-    assert_names(&load_error(&unknown.0), &["transformer/config.json", "SD3Transformer2DModel"]);
+    assert_names(
+        &load_error(&unknown.0),
+        &["transformer/config.json", "SD3Transformer2DModel"],
+    );
 
     let bad_value = TempCopy::of(&src, "bad-config-value");
     edit_json(&bad_value.0.join("transformer/config.json"), |c| {
         c["axes_dims_rope"] = serde_json::json!([2, 2, 2]);
     });
-    assert_names(&load_error(&bad_value.0), &["transformer/config.json", "axes_dims_rope"]);
+    assert_names(
+        &load_error(&bad_value.0),
+        &["transformer/config.json", "axes_dims_rope"],
+    );
 
     let fewer_layers = TempCopy::of(&src, "fewer-layers");
     edit_json(&fewer_layers.0.join("transformer/config.json"), |c| {
         c["num_layers"] = 1.into();
     });
-    assert_names(&load_error(&fewer_layers.0), &["transformer/config.json", "num_layers"]);
+    assert_names(
+        &load_error(&fewer_layers.0),
+        &["transformer/config.json", "num_layers"],
+    );
 
     let pipeline_class = TempCopy::of(&src, "pipeline-class");
     edit_json(&pipeline_class.0.join("model_index.json"), |c| {
         c["_class_name"] = "StableDiffusion3Pipeline".into();
     });
-    assert_names(&load_error(&pipeline_class.0), &["model_index.json", "StableDiffusion3Pipeline"]);
+    assert_names(
+        &load_error(&pipeline_class.0),
+        &["model_index.json", "StableDiffusion3Pipeline"],
+    );
 
     let scheduler = TempCopy::of(&src, "scheduler-option");
     edit_json(&scheduler.0.join("scheduler/scheduler_config.json"), |c| {
         c["use_karras_sigmas"] = true.into();
     });
-    assert_names(&load_error(&scheduler.0), &["scheduler_config.json", "use_karras_sigmas"]);
+    assert_names(
+        &load_error(&scheduler.0),
+        &["scheduler_config.json", "use_karras_sigmas"],
+    );
 }

@@ -4,14 +4,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use denoised_client::{
-    CacheConfig, CacheKind, Client, Error, Event, GenerateRequest, GenerationStream, Preview, StepEvent,
+    CacheConfig, CacheKind, Client, Error, Event, GenerateRequest, GenerationStream, Preview,
+    StepEvent,
 };
 use denoised_tests::{TestServer, MODEL};
 use futures::StreamExt;
 use tonic::Code;
 
 fn request(steps: u32, seed: u64) -> GenerateRequest {
-    GenerateRequest::new("a red circle at the top left").size(32, 24).steps(steps).seed(seed)
+    GenerateRequest::new("a red circle at the top left")
+        .size(32, 24)
+        .steps(steps)
+        .seed(seed)
 }
 
 struct Collected {
@@ -62,15 +66,33 @@ async fn session_lifecycle_and_streamed_generation() {
     let client = Client::connect(server.url.clone()).await.unwrap();
 
     let models = client.list_models().await.unwrap();
-    let model = models.iter().find(|m| m.name == MODEL).expect("tiny model listed");
+    let model = models
+        .iter()
+        .find(|m| m.name == MODEL)
+        .expect("tiny model listed");
     assert_eq!(model.device, "cpu");
     assert!(model.supported_caches.contains(&CacheKind::None));
 
-    let session = client.create_session(MODEL).label("test", "lifecycle").await.unwrap();
+    let session = client
+        .create_session(MODEL)
+        .label("test", "lifecycle")
+        .await
+        .unwrap();
     let info = session.info().await.unwrap();
-    assert_eq!((info.model.as_str(), info.generations_run, info.generating), (MODEL, 0, false));
-    assert_eq!(info.labels.get("test").map(String::as_str), Some("lifecycle"));
-    assert!(client.list_sessions().await.unwrap().iter().any(|s| s.id == session.id()));
+    assert_eq!(
+        (info.model.as_str(), info.generations_run, info.generating),
+        (MODEL, 0, false)
+    );
+    assert_eq!(
+        info.labels.get("test").map(String::as_str),
+        Some("lifecycle")
+    );
+    assert!(client
+        .list_sessions()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.id == session.id()));
 
     let stream = session
         .generate(request(5, 1).preview(Preview::latent_rgb().every(2).max_edge(64)))
@@ -81,7 +103,10 @@ async fn session_lifecycle_and_streamed_generation() {
     assert!(run.started);
     let indices: Vec<u32> = run.steps.iter().map(|s| s.index).collect();
     assert_eq!(indices, vec![0, 1, 2, 3, 4]);
-    assert!(run.steps.iter().all(|s| s.total == 5 && s.cache.full_compute));
+    assert!(run
+        .steps
+        .iter()
+        .all(|s| s.total == 5 && s.cache.full_compute));
     // Previews every 2nd step and always on the last one.
     let previews: Vec<bool> = run.steps.iter().map(|s| s.preview.is_some()).collect();
     assert_eq!(previews, vec![true, false, true, false, true]);
@@ -154,10 +179,17 @@ async fn concurrent_sessions_interleave_and_match_solo_runs() {
     let clock = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (i, cache) in configs.iter().enumerate() {
-        let session = client.create_session(MODEL).cache(cache.clone()).await.unwrap();
+        let session = client
+            .create_session(MODEL)
+            .cache(cache.clone())
+            .await
+            .unwrap();
         let clock = clock.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stream = session.generate(request(steps, 7 + i as u64)).await.unwrap();
+            let mut stream = session
+                .generate(request(steps, 7 + i as u64))
+                .await
+                .unwrap();
             let mut arrivals = Vec::new();
             let mut image = None;
             while let Some(event) = stream.next().await {
@@ -170,9 +202,17 @@ async fn concurrent_sessions_interleave_and_match_solo_runs() {
             (arrivals, image.expect("completed"))
         }));
     }
-    let (a, b) = (tasks.remove(0).await.unwrap(), tasks.remove(0).await.unwrap());
+    let (a, b) = (
+        tasks.remove(0).await.unwrap(),
+        tasks.remove(0).await.unwrap(),
+    );
     // Interleaved: each stream's first step arrives before the other's last step.
-    assert!(a.0[0] < *b.0.last().unwrap() && b.0[0] < *a.0.last().unwrap(), "{:?} / {:?}", a.0, b.0);
+    assert!(
+        a.0[0] < *b.0.last().unwrap() && b.0[0] < *a.0.last().unwrap(),
+        "{:?} / {:?}",
+        a.0,
+        b.0
+    );
     assert_eq!(a.1, solo[0], "session 1 image differs from its solo run");
     assert_eq!(b.1, solo[1], "session 2 image differs from its solo run");
     server.stop().await;
@@ -180,7 +220,13 @@ async fn concurrent_sessions_interleave_and_match_solo_runs() {
 
 /// A strategy other than `none` when the build has one (caches land separately from the spine).
 async fn best_cache(client: &Client) -> CacheConfig {
-    let model = client.list_models().await.unwrap().into_iter().find(|m| m.name == MODEL).unwrap();
+    let model = client
+        .list_models()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == MODEL)
+        .unwrap();
     if model.supported_caches.contains(&CacheKind::TaylorSeer) {
         CacheConfig::parse("taylorseer:cache_interval=3,disable_cache_before_step=1").unwrap()
     } else {
@@ -214,20 +260,36 @@ async fn switch_and_reset_mid_generation_show_in_the_next_steps() {
         }
     }
     assert_eq!(steps.len(), 40);
-    let switch = steps.iter().position(|s| s.cache.strategy_switched).expect("a step reports the switch");
-    let reset = steps.iter().position(|s| s.cache.cache_reset).expect("a step reports the reset");
+    let switch = steps
+        .iter()
+        .position(|s| s.cache.strategy_switched)
+        .expect("a step reports the switch");
+    let reset = steps
+        .iter()
+        .position(|s| s.cache.cache_reset)
+        .expect("a step reports the reset");
     // Requests apply at a step boundary shortly after they were made (the engine runs at most
     // a couple of steps ahead of this reader).
     assert!(switch > switched_at.unwrap() as usize && switch <= switched_at.unwrap() as usize + 3);
     assert!(reset > reset_at.unwrap() as usize && reset <= reset_at.unwrap() as usize + 3);
-    assert_eq!(steps.iter().filter(|s| s.cache.strategy_switched).count(), 1);
+    assert_eq!(
+        steps.iter().filter(|s| s.cache.strategy_switched).count(),
+        1
+    );
     assert_eq!(steps.iter().filter(|s| s.cache.cache_reset).count(), 1);
     // The new strategy's own counter restarts at the switch and at the reset.
     assert_eq!(steps[switch].cache.strategy_step, 1);
     assert_eq!(steps[reset].cache.strategy_step, 1);
-    assert!(steps[reset].cache.full_compute, "the step after a reset computes fully");
-    assert!(steps[..switch].iter().all(|s| s.cache.strategy == CacheKind::None));
-    assert!(steps[switch..].iter().all(|s| s.cache.strategy == new_cache.kind()));
+    assert!(
+        steps[reset].cache.full_compute,
+        "the step after a reset computes fully"
+    );
+    assert!(steps[..switch]
+        .iter()
+        .all(|s| s.cache.strategy == CacheKind::None));
+    assert!(steps[switch..]
+        .iter()
+        .all(|s| s.cache.strategy == new_cache.kind()));
     server.stop().await;
 }
 
@@ -257,7 +319,10 @@ async fn cancellation_by_rpc_and_by_drop_frees_the_session() {
         }
     }
     assert_eq!(ended_with, Some(Code::Cancelled));
-    assert!(seen < 10, "cancel took effect within a step or two ({seen} steps seen)");
+    assert!(
+        seen < 10,
+        "cancel took effect within a step or two ({seen} steps seen)"
+    );
     wait_idle(&session).await;
     assert!(!session.cancel().await.unwrap(), "nothing left to cancel");
 
@@ -281,8 +346,16 @@ async fn cancellation_by_rpc_and_by_drop_frees_the_session() {
 async fn idle_sessions_are_evicted() {
     let server = TestServer::start_with(|c| c.limits.eviction_interval_ms = 20).await;
     let client = Client::connect(server.url.clone()).await.unwrap();
-    let short = client.create_session(MODEL).idle_timeout(Duration::from_secs(1)).await.unwrap();
-    let long = client.create_session(MODEL).idle_timeout(Duration::from_secs(60)).await.unwrap();
+    let short = client
+        .create_session(MODEL)
+        .idle_timeout(Duration::from_secs(1))
+        .await
+        .unwrap();
+    let long = client
+        .create_session(MODEL)
+        .idle_timeout(Duration::from_secs(60))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(code(short.info().await), Code::NotFound);
     assert!(long.info().await.is_ok());
@@ -296,12 +369,25 @@ async fn bad_input_gets_clear_statuses_and_the_server_carries_on() {
     let ghost = client.session("no-such-session");
     assert_eq!(code(ghost.info().await), Code::NotFound);
     assert_eq!(code(ghost.generate(request(2, 1)).await), Code::NotFound);
-    assert_eq!(code(ghost.set_cache(CacheConfig::None).await), Code::NotFound);
+    assert_eq!(
+        code(ghost.set_cache(CacheConfig::None).await),
+        Code::NotFound
+    );
     assert_eq!(code(ghost.reset_cache().await), Code::NotFound);
     assert_eq!(code(ghost.cancel().await), Code::NotFound);
     assert_eq!(code(ghost.close().await), Code::NotFound);
-    assert_eq!(code(client.create_session("no-such-model").await), Code::NotFound);
-    assert_eq!(code(client.generate_once("no-such-model", CacheConfig::None, request(2, 1)).await), Code::NotFound);
+    assert_eq!(
+        code(client.create_session("no-such-model").await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            client
+                .generate_once("no-such-model", CacheConfig::None, request(2, 1))
+                .await
+        ),
+        Code::NotFound
+    );
 
     let session = client.create_session(MODEL).await.unwrap();
     let rejected = [
@@ -315,13 +401,22 @@ async fn bad_input_gets_clear_statuses_and_the_server_carries_on() {
     for (field, req) in rejected {
         let err = session.generate(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err}");
-        assert!(err.to_string().contains(&format!("`{field}`")), "{field}: {err}");
+        assert!(
+            err.to_string().contains(&format!("`{field}`")),
+            "{field}: {err}"
+        );
     }
     let bad_cache = CacheConfig::parse("taylorseer:cache_interval=0").unwrap();
     let err = session.set_cache(bad_cache.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.to_string().contains("cache.taylor_seer.cache_interval"), "{err}");
-    assert_eq!(code(client.create_session(MODEL).cache(bad_cache).await), Code::InvalidArgument);
+    assert!(
+        err.to_string().contains("cache.taylor_seer.cache_interval"),
+        "{err}"
+    );
+    assert_eq!(
+        code(client.create_session(MODEL).cache(bad_cache).await),
+        Code::InvalidArgument
+    );
     let err = client
         .create_session(MODEL)
         .cache(CacheConfig::parse("magcache:threshold=0.1").unwrap())
@@ -331,14 +426,20 @@ async fn bad_input_gets_clear_statuses_and_the_server_carries_on() {
 
     // A second generation on a busy session.
     let first = session.generate(request(50, 1)).await.unwrap();
-    assert_eq!(code(session.generate(request(2, 1)).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(session.generate(request(2, 1)).await),
+        Code::FailedPrecondition
+    );
     drop(first);
     wait_idle(&session).await;
 
     // The session limit.
     client.create_session(MODEL).await.unwrap();
     client.create_session(MODEL).await.unwrap();
-    assert_eq!(code(client.create_session(MODEL).await), Code::ResourceExhausted);
+    assert_eq!(
+        code(client.create_session(MODEL).await),
+        Code::ResourceExhausted
+    );
 
     // Still serving.
     let run = collect(session.generate(request(2, 5)).await.unwrap()).await;

@@ -11,7 +11,11 @@ fn python() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv"));
     let python = venv.join("bin/python");
-    assert!(python.is_file(), "{} is missing: run `make setup`", python.display());
+    assert!(
+        python.is_file(),
+        "{} is missing: run `make setup`",
+        python.display()
+    );
     python
 }
 

@@ -14,15 +14,24 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "denoised-cli", version, about = "Client for the denoised diffusion server")]
+#[command(
+    name = "denoised-cli",
+    version,
+    about = "Client for the denoised diffusion server"
+)]
 struct Cli {
     /// Server address.
-    #[arg(long, global = true, env = "DENOISED_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "DENOISED_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     /// W3C traceparent to continue the caller's trace on the server.
     #[arg(long, global = true, env = "TRACEPARENT")]
     traceparent: Option<TraceParent>,
-    /// Deadline in seconds for non-streaming calls.
+    /// Deadline in seconds for non-streaming calls (0: none).
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
     #[command(subcommand)]
@@ -36,7 +45,7 @@ enum Command {
     /// List the open sessions.
     Sessions,
     /// Generate an image.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
 }
 
 #[derive(Args)]
@@ -110,15 +119,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut client = Client::connect(cli.server.as_str())
         .await
-        .with_context(|| format!("cannot connect to {}", cli.server))?
-        .with_timeout(Duration::from_secs(cli.timeout));
+        .with_context(|| format!("cannot connect to {}", cli.server))?;
+    if cli.timeout > 0 {
+        client = client.with_timeout(Duration::from_secs(cli.timeout));
+    }
     if let Some(traceparent) = cli.traceparent {
         client = client.with_traceparent(move || Some(traceparent));
     }
     match cli.command {
         Command::Models => print_models(&client.list_models().await?),
         Command::Sessions => print_sessions(&client.list_sessions().await?),
-        Command::Generate(args) => generate(&client, args).await?,
+        Command::Generate(args) => generate(&client, *args).await?,
     }
     Ok(())
 }
@@ -350,7 +361,12 @@ fn print_models(models: &[ModelInfo]) {
                     m.size.end(),
                     m.size_multiple
                 ),
-                format!("{} ({}..={})", m.default_steps, m.steps.start(), m.steps.end()),
+                format!(
+                    "{} ({}..={})",
+                    m.default_steps,
+                    m.steps.start(),
+                    m.steps.end()
+                ),
                 format!(
                     "{} ({}..={})",
                     m.default_guidance,
@@ -364,7 +380,16 @@ fn print_models(models: &[ModelInfo]) {
         })
         .collect();
     print_table(
-        &["NAME", "MODEL", "SIZE", "STEPS", "GUIDANCE", "DTYPE/DEVICE", "BLOCKS", "CACHES"],
+        &[
+            "NAME",
+            "MODEL",
+            "SIZE",
+            "STEPS",
+            "GUIDANCE",
+            "DTYPE/DEVICE",
+            "BLOCKS",
+            "CACHES",
+        ],
         rows,
     );
 }
@@ -387,7 +412,16 @@ fn print_sessions(sessions: &[SessionInfo]) {
         })
         .collect();
     print_table(
-        &["ID", "MODEL", "CACHE", "CACHE STATE", "RUNS", "STATE", "IDLE TIMEOUT", "LABELS"],
+        &[
+            "ID",
+            "MODEL",
+            "CACHE",
+            "CACHE STATE",
+            "RUNS",
+            "STATE",
+            "IDLE TIMEOUT",
+            "LABELS",
+        ],
         rows,
     );
 }

@@ -286,12 +286,7 @@ impl<T: Scalar> Field for Vec<T> {
     }
 
     fn show(&self) -> Option<String> {
-        (!self.is_empty()).then(|| {
-            self.iter()
-                .map(Scalar::show)
-                .collect::<Vec<_>>()
-                .join("/")
-        })
+        (!self.is_empty()).then(|| self.iter().map(Scalar::show).collect::<Vec<_>>().join("/"))
     }
 }
 
@@ -501,7 +496,10 @@ mod tests {
                 ..Default::default()
             })
         );
-        assert_eq!(config.to_string(), "taylorseer:cache_interval=5,max_order=1");
+        assert_eq!(
+            config.to_string(),
+            "taylorseer:cache_interval=5,max_order=1"
+        );
         let parsed: CacheConfig = "taylorseer:cache_interval=5,max_order=1".parse().unwrap();
         assert_eq!(parsed, config);
     }
@@ -511,8 +509,15 @@ mod tests {
         for s in ["none", "NONE", "off", " none "] {
             assert_eq!(parse_ok(s), CacheConfig::None);
         }
-        for s in ["pab", "PyramidAttentionBroadcast", "pyramid_attention_broadcast"] {
-            assert_eq!(parse_ok(s).kind(), crate::CacheKind::PyramidAttentionBroadcast);
+        for s in [
+            "pab",
+            "PyramidAttentionBroadcast",
+            "pyramid_attention_broadcast",
+        ] {
+            assert_eq!(
+                parse_ok(s).kind(),
+                crate::CacheKind::PyramidAttentionBroadcast
+            );
         }
         for s in ["fastercache", "faster-cache", "FasterCache"] {
             assert_eq!(parse_ok(s).kind(), crate::CacheKind::FasterCache);
@@ -520,7 +525,12 @@ mod tests {
         for s in ["taylorseer", "taylor-seer", "TaylorSeer", "taylorseer:"] {
             assert_eq!(parse_ok(s).kind(), crate::CacheKind::TaylorSeer);
         }
-        for s in ["fbc", "first-block-cache", "first_block_cache", "FirstBlockCache"] {
+        for s in [
+            "fbc",
+            "first-block-cache",
+            "first_block_cache",
+            "FirstBlockCache",
+        ] {
             assert_eq!(parse_ok(s), FirstBlockCacheConfig::default().into());
         }
         for s in ["magcache", "mag-cache", "MagCache"] {
@@ -602,22 +612,49 @@ mod tests {
     fn bad_strings_are_rejected_with_useful_messages() {
         let cases = [
             ("", "empty; expected a strategy"),
-            ("teacache", "unknown cache strategy \"teacache\" (expected one of: none, pab"),
+            (
+                "teacache",
+                "unknown cache strategy \"teacache\" (expected one of: none, pab",
+            ),
             ("none:threshold=1", "\"none\" takes no parameters"),
-            ("taylorseer:foo=1", "unknown key \"foo\" (expected one of: cache_interval (interval)"),
-            ("taylorseer:cache_interval=x", "cache_interval: expected a non-negative integer, got \"x\""),
+            (
+                "taylorseer:foo=1",
+                "unknown key \"foo\" (expected one of: cache_interval (interval)",
+            ),
+            (
+                "taylorseer:cache_interval=x",
+                "cache_interval: expected a non-negative integer, got \"x\"",
+            ),
             ("taylorseer:interval=-1", "expected a non-negative integer"),
-            ("taylorseer:interval=2,cache_interval=3", "cache_interval is given more than once"),
+            (
+                "taylorseer:interval=2,cache_interval=3",
+                "cache_interval is given more than once",
+            ),
             ("taylorseer:cache_interval", "cache_interval: needs a value"),
-            ("taylorseer:dtype=int8", "expected bfloat16 (bf16), float16 (fp16) or float32"),
-            ("fbc:threshold=abc", "threshold: expected a number, got \"abc\""),
+            (
+                "taylorseer:dtype=int8",
+                "expected bfloat16 (bf16), float16 (fp16) or float32",
+            ),
+            (
+                "fbc:threshold=abc",
+                "threshold: expected a number, got \"abc\"",
+            ),
             ("fbc:threshold=NaN", "expected a finite number"),
             ("pab:spatial_range=800", "expected a range like 100..800"),
-            ("pab:spatial_range=800..100", "range start 800 is greater than its end 100"),
+            (
+                "pab:spatial_range=800..100",
+                "range start 800 is greater than its end 100",
+            ),
             ("magcache:mag_ratios=", "needs at least one value"),
-            ("magcache:mag_ratios=1.0/x", "mag_ratios: expected a number, got \"x\""),
+            (
+                "magcache:mag_ratios=1.0/x",
+                "mag_ratios: expected a number, got \"x\"",
+            ),
             ("magcache:calibrate=maybe", "expected true or false"),
-            ("fastercache:weight=high", "expected a number or a linear start..end"),
+            (
+                "fastercache:weight=high",
+                "expected a number or a linear start..end",
+            ),
             ("taylorseer:identifiers=\"abc", "unbalanced '\"'"),
         ];
         for (input, expected) in cases {

@@ -42,7 +42,11 @@ impl DenoiserService {
         }
     }
 
-    fn cache_config(&self, config: Option<&pb::CacheConfig>, field: &str) -> ServiceResult<CacheConfig> {
+    fn cache_config(
+        &self,
+        config: Option<&pb::CacheConfig>,
+        field: &str,
+    ) -> ServiceResult<CacheConfig> {
         let config = CacheConfig::from_proto(config, field)?;
         cache::ensure_supported(&config)?;
         Ok(config)
@@ -77,11 +81,18 @@ impl DenoiserService {
             (Some(session), model)
         } else {
             if req.model.is_empty() {
-                return Err(ServiceError::invalid("model", "required when session_id is empty"));
+                return Err(ServiceError::invalid(
+                    "model",
+                    "required when session_id is empty",
+                ));
             }
             (None, self.engine.model(&req.model)?)
         };
-        let max_sequence_length = self.max_sequence_lengths.get(&model.name).copied().unwrap_or(512);
+        let max_sequence_length = self
+            .max_sequence_lengths
+            .get(&model.name)
+            .copied()
+            .unwrap_or(512);
         let resolved = validate::resolve_generate(&req, model, max_sequence_length, &self.limits)?;
         let session = match session {
             Some(s) => s,
@@ -139,7 +150,9 @@ fn respond<T>(result: ServiceResult<T>) -> Result<Response<T>, Status> {
         Ok(v) => Ok(Response::new(v)),
         Err(e) => {
             match e.code() {
-                tonic::Code::Internal | tonic::Code::Unavailable => tracing::error!(error = %e, "request failed"),
+                tonic::Code::Internal | tonic::Code::Unavailable => {
+                    tracing::error!(error = %e, "request failed")
+                }
                 _ => tracing::info!(error = %e, "request rejected"),
             }
             Err(e.into())
@@ -150,14 +163,20 @@ fn respond<T>(result: ServiceResult<T>) -> Result<Response<T>, Status> {
 #[tonic::async_trait]
 impl pb::denoiser_server::Denoiser for DenoiserService {
     #[tracing::instrument(skip_all)]
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         respond(Ok(pb::ListModelsResponse {
             models: self.engine.models().to_vec(),
         }))
     }
 
     #[tracing::instrument(skip_all, fields(model))]
-    async fn create_session(&self, req: Request<pb::CreateSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let req = req.into_inner();
         tracing::Span::current().record("model", req.model.as_str());
         respond((|| {
@@ -166,8 +185,8 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
             }
             self.engine.model(&req.model)?;
             let cache = self.cache_config(req.cache.as_ref(), "cache")?;
-            let idle_timeout =
-                (req.idle_timeout_seconds > 0).then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
+            let idle_timeout = (req.idle_timeout_seconds > 0)
+                .then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
             let session = self.sessions.create(NewSession {
                 model: req.model.clone(),
                 cache,
@@ -181,9 +200,16 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
     }
 
     #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
-    async fn get_session(&self, req: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn get_session(
+        &self,
+        req: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let id = &req.get_ref().session_id;
-        respond(self.session_id(id).and_then(|id| self.sessions.get(id)).map(|s| session_proto(&s)))
+        respond(
+            self.session_id(id)
+                .and_then(|id| self.sessions.get(id))
+                .map(|s| session_proto(&s)),
+        )
     }
 
     #[tracing::instrument(skip_all)]
@@ -192,7 +218,12 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         _: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         respond(Ok(pb::ListSessionsResponse {
-            sessions: self.sessions.list().iter().map(|s| session_proto(s)).collect(),
+            sessions: self
+                .sessions
+                .list()
+                .iter()
+                .map(|s| session_proto(s))
+                .collect(),
         }))
     }
 
@@ -211,10 +242,15 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
 
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
         let req = req.into_inner();
         let span = tracing::info_span!("generate_request", session_id = %req.session_id, model = %req.model);
-        async { respond(self.generate_stream(req)) }.instrument(span).await
+        async { respond(self.generate_stream(req)) }
+            .instrument(span)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
@@ -226,19 +262,30 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         respond((|| {
             let session = self.sessions.get(self.session_id(&req.session_id)?)?;
             let config = self.cache_config(req.cache.as_ref(), "cache")?;
-            tracing::info!(strategy = config.kind().as_str_name(), running = session.is_generating(), "cache strategy set");
+            tracing::info!(
+                strategy = config.kind().as_str_name(),
+                running = session.is_generating(),
+                "cache strategy set"
+            );
             session.set_cache(config);
             Ok(session_proto(&session))
         })())
     }
 
     #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
-    async fn reset_cache(&self, req: Request<pb::ResetCacheRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn reset_cache(
+        &self,
+        req: Request<pb::ResetCacheRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let id = &req.get_ref().session_id;
-        respond(self.session_id(id).and_then(|id| self.sessions.get(id)).map(|s| {
-            s.reset_cache();
-            session_proto(&s)
-        }))
+        respond(
+            self.session_id(id)
+                .and_then(|id| self.sessions.get(id))
+                .map(|s| {
+                    s.reset_cache();
+                    session_proto(&s)
+                }),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
@@ -250,7 +297,9 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         respond(
             self.session_id(id)
                 .and_then(|id| self.sessions.get(id))
-                .map(|s| pb::CancelGenerationResponse { cancelled: s.cancel() }),
+                .map(|s| pb::CancelGenerationResponse {
+                    cancelled: s.cancel(),
+                }),
         )
     }
 }

@@ -18,7 +18,10 @@ pub fn resolve_generate(
     max_sequence_length: usize,
     limits: &Limits,
 ) -> ServiceResult<ResolvedRequest> {
-    for (field, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
+    for (field, text) in [
+        ("prompt", &req.prompt),
+        ("negative_prompt", &req.negative_prompt),
+    ] {
         if text.chars().count() > limits.max_prompt_chars {
             return Err(ServiceError::invalid(
                 field,
@@ -29,15 +32,27 @@ pub fn resolve_generate(
     if req.class_label.is_some() && model.conditioning != pb::Conditioning::ClassLabel as i32 {
         return Err(ServiceError::invalid(
             "class_label",
-            format!("model `{}` is text-conditioned; give a prompt instead", model.name),
+            format!(
+                "model `{}` is text-conditioned; give a prompt instead",
+                model.name
+            ),
         ));
     }
     let width = size(req.width, model.default_width, "width", model, limits)?;
     let height = size(req.height, model.default_height, "height", model, limits)?;
-    let steps = if req.steps == 0 { model.default_steps } else { req.steps };
-    let max_steps = limits.max_steps.min(model.steps.map_or(u32::MAX, |r| r.max));
+    let steps = if req.steps == 0 {
+        model.default_steps
+    } else {
+        req.steps
+    };
+    let max_steps = limits
+        .max_steps
+        .min(model.steps.map_or(u32::MAX, |r| r.max));
     if steps > max_steps {
-        return Err(ServiceError::invalid("steps", format!("must be between 1 and {max_steps}")));
+        return Err(ServiceError::invalid(
+            "steps",
+            format!("must be between 1 and {max_steps}"),
+        ));
     }
     let guidance = req.guidance.unwrap_or(model.default_guidance);
     check_scale(guidance, "guidance", limits)?;
@@ -49,19 +64,28 @@ pub fn resolve_generate(
             format!("model `{}` does not support true CFG", model.name),
         ));
     }
-    let preview = req.preview.clone().unwrap_or_default();
-    let mode = pb::PreviewMode::try_from(preview.mode)
-        .map_err(|_| ServiceError::invalid("preview.mode", format!("unknown value {}", preview.mode)))?;
-    pb::ImageFormat::try_from(preview.format)
-        .map_err(|_| ServiceError::invalid("preview.format", format!("unknown value {}", preview.format)))?;
+    let preview = req.preview.unwrap_or_default();
+    let mode = pb::PreviewMode::try_from(preview.mode).map_err(|_| {
+        ServiceError::invalid("preview.mode", format!("unknown value {}", preview.mode))
+    })?;
+    pb::ImageFormat::try_from(preview.format).map_err(|_| {
+        ServiceError::invalid(
+            "preview.format",
+            format!("unknown value {}", preview.format),
+        )
+    })?;
     if preview.max_edge > limits.max_image_edge * 2 {
         return Err(ServiceError::invalid(
             "preview.max_edge",
             format!("at most {}", limits.max_image_edge * 2),
         ));
     }
-    let output_format = pb::ImageFormat::try_from(req.output_format)
-        .map_err(|_| ServiceError::invalid("output_format", format!("unknown value {}", req.output_format)))?;
+    let output_format = pb::ImageFormat::try_from(req.output_format).map_err(|_| {
+        ServiceError::invalid(
+            "output_format",
+            format!("unknown value {}", req.output_format),
+        )
+    })?;
     let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
     Ok(ResolvedRequest {
         params: GenerateParams {
@@ -88,14 +112,23 @@ pub fn resolve_generate(
 
 /// 0 means the model default; otherwise within the model's range, rounded down to its size
 /// multiple as diffusers does.
-fn size(value: u32, default: u32, field: &str, model: &pb::ModelInfo, limits: &Limits) -> ServiceResult<u32> {
+fn size(
+    value: u32,
+    default: u32,
+    field: &str,
+    model: &pb::ModelInfo,
+    limits: &Limits,
+) -> ServiceResult<u32> {
     let value = if value == 0 { default } else { value };
     let multiple = model.size_multiple.max(1);
     let (min, max) = model.size.map_or((multiple, limits.max_image_edge), |r| {
         (r.min.max(multiple), r.max.min(limits.max_image_edge))
     });
     if value < min || value > max {
-        return Err(ServiceError::invalid(field, format!("must be between {min} and {max} pixels")));
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be between {min} and {max} pixels"),
+        ));
     }
     Ok(value / multiple * multiple)
 }
@@ -139,7 +172,10 @@ mod tests {
     fn field_of(req: pb::GenerateRequest) -> String {
         match resolve_generate(&req, &model(), 32, &Limits::default()) {
             Err(ServiceError::InvalidArgument { field, .. }) => field,
-            other => panic!("expected InvalidArgument, got {:?}", other.map(|r| r.params)),
+            other => panic!(
+                "expected InvalidArgument, got {:?}",
+                other.map(|r| r.params)
+            ),
         }
     }
 
@@ -175,7 +211,10 @@ mod tests {
         assert_eq!(field_of(req(|r| r.steps = 10_000)), "steps");
         assert_eq!(field_of(req(|r| r.guidance = Some(-1.0))), "guidance");
         assert_eq!(field_of(req(|r| r.guidance = Some(f32::NAN))), "guidance");
-        assert_eq!(field_of(req(|r| r.true_cfg_scale = Some(1e9))), "true_cfg_scale");
+        assert_eq!(
+            field_of(req(|r| r.true_cfg_scale = Some(1e9))),
+            "true_cfg_scale"
+        );
         assert_eq!(field_of(req(|r| r.class_label = Some(3))), "class_label");
         assert_eq!(field_of(req(|r| r.prompt = "x".repeat(100_000))), "prompt");
         assert_eq!(

@@ -37,7 +37,10 @@ pub struct PyramidAttentionBroadcastConfig {
 pub enum AttentionWeight {
     Constant(f32),
     /// Linear in the step fraction from `start` (first step) to `end` (last step).
-    Linear { start: f32, end: f32 },
+    Linear {
+        start: f32,
+        end: f32,
+    },
 }
 
 impl AttentionWeight {
@@ -45,7 +48,11 @@ impl AttentionWeight {
         match *self {
             Self::Constant(w) => w,
             Self::Linear { start, end } => {
-                let f = if num_steps > 1 { step as f32 / (num_steps - 1) as f32 } else { 0.0 };
+                let f = if num_steps > 1 {
+                    step as f32 / (num_steps - 1) as f32
+                } else {
+                    0.0
+                };
                 start + (end - start) * f
             }
         }
@@ -116,9 +123,9 @@ pub enum CacheConfig {
 
 /// diffusers' `FLUX_MAG_RATIOS` (28 steps), offered as the MagCache default for FLUX models.
 pub const FLUX_MAG_RATIOS: [f32; 28] = [
-    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047,
-    1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484,
-    0.95703, 0.93359, 0.89062,
+    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344,
+    0.98047, 1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047,
+    0.98828, 0.96484, 0.95703, 0.93359, 0.89062,
 ];
 
 impl CacheConfig {
@@ -184,11 +191,15 @@ impl CacheConfig {
             }
             Strategy::FasterCache(p) => {
                 let f = |name: &str| format!("{field}.faster_cache.{name}");
-                let attention_weight = match p.attention_weight.as_ref().and_then(|w| w.weight.as_ref()) {
+                let attention_weight = match p
+                    .attention_weight
+                    .as_ref()
+                    .and_then(|w| w.weight.as_ref())
+                {
                     None => AttentionWeight::Constant(0.5),
-                    Some(pb::attention_weight::Weight::Constant(w)) => {
-                        AttentionWeight::Constant(finite_non_negative(*w, &f("attention_weight.constant"))?)
-                    }
+                    Some(pb::attention_weight::Weight::Constant(w)) => AttentionWeight::Constant(
+                        finite_non_negative(*w, &f("attention_weight.constant"))?,
+                    ),
                     Some(pb::attention_weight::Weight::Linear(r)) => AttentionWeight::Linear {
                         start: finite_non_negative(r.min, &f("attention_weight.linear.min"))?,
                         end: finite_non_negative(r.max, &f("attention_weight.linear.max"))?,
@@ -224,7 +235,10 @@ impl CacheConfig {
                         TimestepRange::new(-1.0, 301.0),
                         &f("high_frequency_weight_update_timestep_range"),
                     )?,
-                    alpha_low_frequency: positive(p.alpha_low_frequency.unwrap_or(1.1), &f("alpha_low_frequency"))?,
+                    alpha_low_frequency: positive(
+                        p.alpha_low_frequency.unwrap_or(1.1),
+                        &f("alpha_low_frequency"),
+                    )?,
                     alpha_high_frequency: positive(
                         p.alpha_high_frequency.unwrap_or(1.1),
                         &f("alpha_high_frequency"),
@@ -247,11 +261,17 @@ impl CacheConfig {
                 let f = |name: &str| format!("{field}.taylor_seer.{name}");
                 let cache_interval = p.cache_interval.unwrap_or(5);
                 if cache_interval == 0 {
-                    return Err(ServiceError::invalid(f("cache_interval"), "must be at least 1"));
+                    return Err(ServiceError::invalid(
+                        f("cache_interval"),
+                        "must be at least 1",
+                    ));
                 }
                 let max_order = p.max_order.unwrap_or(1);
                 if max_order > 4 {
-                    return Err(ServiceError::invalid(f("max_order"), "must be between 0 and 4"));
+                    return Err(ServiceError::invalid(
+                        f("max_order"),
+                        "must be between 0 and 4",
+                    ));
                 }
                 let before = p.disable_cache_before_step.unwrap_or(3);
                 if let Some(after) = p.disable_cache_after_step {
@@ -268,15 +288,25 @@ impl CacheConfig {
                 ] {
                     for (i, pattern) in patterns.iter().enumerate() {
                         if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
-                            return Err(ServiceError::invalid(format!("{}[{i}]", f(name)), e.to_string()));
+                            return Err(ServiceError::invalid(
+                                format!("{}[{i}]", f(name)),
+                                e.to_string(),
+                            ));
                         }
                     }
                 }
                 let taylor_factors_dtype = match pb::FactorDtype::try_from(p.taylor_factors_dtype) {
-                    Ok(pb::FactorDtype::Unspecified | pb::FactorDtype::Bfloat16) => FactorDtype::BFloat16,
+                    Ok(pb::FactorDtype::Unspecified | pb::FactorDtype::Bfloat16) => {
+                        FactorDtype::BFloat16
+                    }
                     Ok(pb::FactorDtype::Float16) => FactorDtype::Float16,
                     Ok(pb::FactorDtype::Float32) => FactorDtype::Float32,
-                    Err(_) => return Err(ServiceError::invalid(f("taylor_factors_dtype"), "unknown dtype")),
+                    Err(_) => {
+                        return Err(ServiceError::invalid(
+                            f("taylor_factors_dtype"),
+                            "unknown dtype",
+                        ))
+                    }
                 };
                 Self::TaylorSeer(TaylorSeerConfig {
                     cache_interval,
@@ -299,11 +329,17 @@ impl CacheConfig {
                 let f = |name: &str| format!("{field}.mag_cache.{name}");
                 let retention_ratio = p.retention_ratio.unwrap_or(0.2);
                 if !(0.0..=1.0).contains(&retention_ratio) {
-                    return Err(ServiceError::invalid(f("retention_ratio"), "must be between 0 and 1"));
+                    return Err(ServiceError::invalid(
+                        f("retention_ratio"),
+                        "must be between 0 and 1",
+                    ));
                 }
                 let num_inference_steps = p.num_inference_steps.unwrap_or(28);
                 if num_inference_steps == 0 {
-                    return Err(ServiceError::invalid(f("num_inference_steps"), "must be at least 1"));
+                    return Err(ServiceError::invalid(
+                        f("num_inference_steps"),
+                        "must be at least 1",
+                    ));
                 }
                 if p.mag_ratios.is_empty() && !p.calibrate {
                     return Err(ServiceError::invalid(
@@ -313,7 +349,10 @@ impl CacheConfig {
                 }
                 for (i, r) in p.mag_ratios.iter().enumerate() {
                     if !r.is_finite() || *r <= 0.0 {
-                        return Err(ServiceError::invalid(format!("{}[{i}]", f("mag_ratios")), "must be positive"));
+                        return Err(ServiceError::invalid(
+                            format!("{}[{i}]", f("mag_ratios")),
+                            "must be positive",
+                        ));
                     }
                 }
                 Self::MagCache(MagCacheConfig {
@@ -330,33 +369,53 @@ impl CacheConfig {
 
     /// The fully resolved config, as reported back to clients.
     pub fn to_proto(&self) -> pb::CacheConfig {
-        let r = |t: TimestepRange| Some(pb::FloatRange { min: t.min, max: t.max });
+        let r = |t: TimestepRange| {
+            Some(pb::FloatRange {
+                min: t.min,
+                max: t.max,
+            })
+        };
         let strategy = match self {
             Self::None => Strategy::None(pb::NoCache {}),
-            Self::PyramidAttentionBroadcast(c) => Strategy::PyramidAttentionBroadcast(pb::PyramidAttentionBroadcast {
-                spatial_attention_block_skip_range: c.spatial_attention_block_skip_range,
-                temporal_attention_block_skip_range: c.temporal_attention_block_skip_range,
-                cross_attention_block_skip_range: c.cross_attention_block_skip_range,
-                spatial_attention_timestep_skip_range: r(c.spatial_attention_timestep_skip_range),
-                temporal_attention_timestep_skip_range: r(c.temporal_attention_timestep_skip_range),
-                cross_attention_timestep_skip_range: r(c.cross_attention_timestep_skip_range),
-            }),
+            Self::PyramidAttentionBroadcast(c) => {
+                Strategy::PyramidAttentionBroadcast(pb::PyramidAttentionBroadcast {
+                    spatial_attention_block_skip_range: c.spatial_attention_block_skip_range,
+                    temporal_attention_block_skip_range: c.temporal_attention_block_skip_range,
+                    cross_attention_block_skip_range: c.cross_attention_block_skip_range,
+                    spatial_attention_timestep_skip_range: r(
+                        c.spatial_attention_timestep_skip_range
+                    ),
+                    temporal_attention_timestep_skip_range: r(
+                        c.temporal_attention_timestep_skip_range
+                    ),
+                    cross_attention_timestep_skip_range: r(c.cross_attention_timestep_skip_range),
+                })
+            }
             Self::FasterCache(c) => Strategy::FasterCache(pb::FasterCache {
                 spatial_attention_block_skip_range: Some(c.spatial_attention_block_skip_range),
                 temporal_attention_block_skip_range: c.temporal_attention_block_skip_range,
                 spatial_attention_timestep_skip_range: r(c.spatial_attention_timestep_skip_range),
                 temporal_attention_timestep_skip_range: r(c.temporal_attention_timestep_skip_range),
-                low_frequency_weight_update_timestep_range: r(c.low_frequency_weight_update_timestep_range),
-                high_frequency_weight_update_timestep_range: r(c.high_frequency_weight_update_timestep_range),
+                low_frequency_weight_update_timestep_range: r(
+                    c.low_frequency_weight_update_timestep_range
+                ),
+                high_frequency_weight_update_timestep_range: r(
+                    c.high_frequency_weight_update_timestep_range
+                ),
                 alpha_low_frequency: Some(c.alpha_low_frequency),
                 alpha_high_frequency: Some(c.alpha_high_frequency),
                 unconditional_batch_skip_range: Some(c.unconditional_batch_skip_range),
-                unconditional_batch_timestep_skip_range: r(c.unconditional_batch_timestep_skip_range),
+                unconditional_batch_timestep_skip_range: r(
+                    c.unconditional_batch_timestep_skip_range
+                ),
                 attention_weight: Some(pb::AttentionWeight {
                     weight: Some(match c.attention_weight {
                         AttentionWeight::Constant(w) => pb::attention_weight::Weight::Constant(w),
                         AttentionWeight::Linear { start, end } => {
-                            pb::attention_weight::Weight::Linear(pb::FloatRange { min: start, max: end })
+                            pb::attention_weight::Weight::Linear(pb::FloatRange {
+                                min: start,
+                                max: end,
+                            })
                         }
                     }),
                 }),
@@ -401,7 +460,11 @@ fn skip_range(value: Option<u32>, field: &str) -> ServiceResult<Option<u32>> {
     }
 }
 
-fn range(value: Option<pb::FloatRange>, default: TimestepRange, field: &str) -> ServiceResult<TimestepRange> {
+fn range(
+    value: Option<pb::FloatRange>,
+    default: TimestepRange,
+    field: &str,
+) -> ServiceResult<TimestepRange> {
     let Some(r) = value else { return Ok(default) };
     if !r.min.is_finite() || !r.max.is_finite() || r.min >= r.max {
         return Err(ServiceError::invalid(field, "needs finite min < max"));
@@ -444,21 +507,46 @@ mod tests {
 
     #[test]
     fn missing_means_none_and_defaults_resolve() {
-        assert_eq!(CacheConfig::from_proto(None, "cache").unwrap(), CacheConfig::None);
+        assert_eq!(
+            CacheConfig::from_proto(None, "cache").unwrap(),
+            CacheConfig::None
+        );
         let pab = CacheConfig::from_proto(
-            Some(&cfg(Strategy::PyramidAttentionBroadcast(Default::default()))),
+            Some(&cfg(
+                Strategy::PyramidAttentionBroadcast(Default::default()),
+            )),
             "cache",
         )
         .unwrap();
-        let CacheConfig::PyramidAttentionBroadcast(p) = &pab else { panic!() };
+        let CacheConfig::PyramidAttentionBroadcast(p) = &pab else {
+            panic!()
+        };
         assert_eq!(p.spatial_attention_block_skip_range, Some(2));
-        assert_eq!(p.spatial_attention_timestep_skip_range, TimestepRange::new(100.0, 800.0));
+        assert_eq!(
+            p.spatial_attention_timestep_skip_range,
+            TimestepRange::new(100.0, 800.0)
+        );
         // Resolved configs survive a round trip through the API unchanged.
-        assert_eq!(CacheConfig::from_proto(Some(&pab.to_proto()), "cache").unwrap(), pab);
-        let ts = CacheConfig::from_proto(Some(&cfg(Strategy::TaylorSeer(Default::default()))), "cache").unwrap();
-        let CacheConfig::TaylorSeer(t) = &ts else { panic!() };
-        assert_eq!((t.cache_interval, t.disable_cache_before_step, t.max_order), (5, 3, 1));
-        assert_eq!(CacheConfig::from_proto(Some(&ts.to_proto()), "cache").unwrap(), ts);
+        assert_eq!(
+            CacheConfig::from_proto(Some(&pab.to_proto()), "cache").unwrap(),
+            pab
+        );
+        let ts = CacheConfig::from_proto(
+            Some(&cfg(Strategy::TaylorSeer(Default::default()))),
+            "cache",
+        )
+        .unwrap();
+        let CacheConfig::TaylorSeer(t) = &ts else {
+            panic!()
+        };
+        assert_eq!(
+            (t.cache_interval, t.disable_cache_before_step, t.max_order),
+            (5, 3, 1)
+        );
+        assert_eq!(
+            CacheConfig::from_proto(Some(&ts.to_proto()), "cache").unwrap(),
+            ts
+        );
     }
 
     #[test]

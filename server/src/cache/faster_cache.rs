@@ -190,7 +190,8 @@ impl TransformerHooks for FasterCache {
                 // Decided here: the conditional forward's attention schedule depends on it.
                 self.reuse_uncond = !c.is_guidance_distilled
                     && iteration > 0
-                    && c.unconditional_batch_timestep_skip_range.contains(ctx.timestep)
+                    && c.unconditional_batch_timestep_skip_range
+                        .contains(ctx.timestep)
                     && !iteration.is_multiple_of(c.unconditional_batch_skip_range as u64);
                 Decision::Compute
             }
@@ -202,12 +203,21 @@ impl TransformerHooks for FasterCache {
                     return Decision::Compute;
                 };
                 let t = ctx.timestep;
-                let low_delta =
-                    low_delta * band_weight(c.alpha_low_frequency, c.low_frequency_weight_update_timestep_range, t);
-                let high_delta =
-                    high_delta * band_weight(c.alpha_high_frequency, c.high_frequency_weight_update_timestep_range, t);
+                let low_delta = low_delta
+                    * band_weight(
+                        c.alpha_low_frequency,
+                        c.low_frequency_weight_update_timestep_range,
+                        t,
+                    );
+                let high_delta = high_delta
+                    * band_weight(
+                        c.alpha_high_frequency,
+                        c.high_frequency_weight_update_timestep_range,
+                        t,
+                    );
                 let (low, high) = Self::bands(cond, ctx);
-                let uncond = pack(&from_bands(&((&low_delta + low) + (&high_delta + high)))).to_kind(cond.kind());
+                let uncond = pack(&from_bands(&((&low_delta + low) + (&high_delta + high))))
+                    .to_kind(cond.kind());
                 // Stored back: consecutive reuses compound the weights, as in diffusers.
                 self.deltas = Some((low_delta, high_delta));
                 Decision::Predict(uncond)
@@ -237,9 +247,16 @@ impl TransformerHooks for FasterCache {
         }
         let n = self.config.spatial_attention_block_skip_range as u64;
         let skip_candidate = self.extrapolates_attention()
-            && self.config.spatial_attention_timestep_skip_range.contains(self.timestep);
+            && self
+                .config
+                .spatial_attention_timestep_skip_range
+                .contains(self.timestep);
         let w = self.config.attention_weight.at(self.step, self.num_steps) as f64;
-        let state = self.attention.get_mut(self.branch).entry(id.flat_index).or_default();
+        let state = self
+            .attention
+            .get_mut(self.branch)
+            .entry(id.flat_index)
+            .or_default();
         let iteration = state.iteration;
         state.iteration += 1;
         let skip = skip_candidate && !(iteration > 0 && iteration.is_multiple_of(n));
@@ -261,7 +278,11 @@ impl TransformerHooks for FasterCache {
         if !self.keeps_attention() {
             return;
         }
-        let state = self.attention.get_mut(self.branch).entry(id.flat_index).or_default();
+        let state = self
+            .attention
+            .get_mut(self.branch)
+            .entry(id.flat_index)
+            .or_default();
         state.cache = Some(match state.cache.take() {
             Some([_, newer]) => [newer, output.shallow_clone()],
             None => [output.shallow_clone(), output.shallow_clone()],
@@ -326,14 +347,19 @@ mod tests {
 
     /// 1000, 900, ..., 100.
     fn timesteps(steps: usize) -> Vec<f64> {
-        (0..steps).map(|i| 1000.0 * (1.0 - i as f64 / steps as f64)).collect()
+        (0..steps)
+            .map(|i| 1000.0 * (1.0 - i as f64 / steps as f64))
+            .collect()
     }
 
     #[test]
     fn distilled_attention_schedule() {
         // In range (t < 681) from call 4; computes at even calls there.
         let mut fc = FasterCache::new(config(true));
-        assert_eq!(attn_decisions(&mut fc, &timesteps(10), Branch::Cond), "CCCCCPCPCP");
+        assert_eq!(
+            attn_decisions(&mut fc, &timesteps(10), Branch::Cond),
+            "CCCCCPCPCP"
+        );
         // Already in range at the first call: computes (diffusers fails there).
         let mut fc = FasterCache::new(config(true));
         assert_eq!(attn_decisions(&mut fc, &[500.0; 4], Branch::Cond), "CPCP");
@@ -347,7 +373,10 @@ mod tests {
         let mut fc = FasterCache::new(c);
         let id = single(0, 1, 2);
         let mut seen = Vec::new();
-        for (step, value) in [1.0f32, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0].into_iter().enumerate() {
+        for (step, value) in [1.0f32, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]
+            .into_iter()
+            .enumerate()
+        {
             fc.before_forward(&ctx(step, 500.0, Branch::Cond));
             seen.push(match fc.before_attention(&id) {
                 Decision::Compute => {
@@ -374,7 +403,10 @@ mod tests {
         assert!(fc.attention.uncond.is_empty());
         // Without an unconditional pass the conditional one follows its own schedule.
         let mut fc = FasterCache::new(config(false));
-        assert_eq!(toy.run(&mut fc, &timesteps(10), &[Branch::Cond])[0], "CCCCCPCPCP");
+        assert_eq!(
+            toy.run(&mut fc, &timesteps(10), &[Branch::Cond])[0],
+            "CCCCCPCPCP"
+        );
         // Distilled with true CFG: no reuse, each branch extrapolates on its own.
         let mut fc = FasterCache::new(config(true));
         let letters = toy.run(&mut fc, &timesteps(10), &[Branch::Cond, Branch::Uncond]);
@@ -383,7 +415,11 @@ mod tests {
 
     /// True outputs of the toy, per step and branch.
     fn reference(toy: &Toy, step: usize, branch: Branch) -> Tensor {
-        toy.forward(&mut NoCache, &ctx(step, 500.0, branch), &mut StepStats::default())
+        toy.forward(
+            &mut NoCache,
+            &ctx(step, 500.0, branch),
+            &mut StepStats::default(),
+        )
     }
 
     #[test]
@@ -407,10 +443,14 @@ mod tests {
                 assert_eq!(stats.forwards.predicted, (step > 0) as u32);
                 // Weights compound: alpha^step on each band of the step-0 delta.
                 let (low, high) = split_bands(&unpack(&delta0, 16, 16));
-                let weighted = low * (alpha_low as f64).powi(step as i32) + high * (alpha_high as f64).powi(step as i32);
+                let weighted = low * (alpha_low as f64).powi(step as i32)
+                    + high * (alpha_high as f64).powi(step as i32);
                 let expected = reference(&toy, step, Branch::Cond) + pack(&from_bands(&weighted));
                 let err = (uncond - expected).abs().max().double_value(&[]);
-                assert!(err < 1e-5, "alphas ({alpha_low}, {alpha_high}) step {step}: {err}");
+                assert!(
+                    err < 1e-5,
+                    "alphas ({alpha_low}, {alpha_high}) step {step}: {err}"
+                );
             }
         }
     }

@@ -108,8 +108,11 @@ impl CacheStrategy for FirstBlockCache {
             .into_iter()
             .map(|s| {
                 let ios = [&s.head_output, &s.tail_residuals];
-                bytes_of(ios.into_iter().flatten().flat_map(|io| [Some(&io.hidden), Some(&io.encoder)]))
-                    + bytes_of([s.head_residual.as_ref()])
+                bytes_of(
+                    ios.into_iter()
+                        .flatten()
+                        .flat_map(|io| [Some(&io.hidden), Some(&io.encoder)]),
+                ) + bytes_of([s.head_residual.as_ref()])
             })
             .sum()
     }
@@ -140,16 +143,45 @@ mod tests {
         let toy = Toy { dual: 2, single: 2 };
         let mut s = fbc(1.0);
         let mut none = crate::cache::NoCache;
-        let full0 = toy.forward(&mut none, &ctx(0, 500.0, Branch::Cond), &mut StepStats::default());
-        let out0 = toy.forward(&mut s, &ctx(0, 500.0, Branch::Cond), &mut StepStats::default());
+        let full0 = toy.forward(
+            &mut none,
+            &ctx(0, 500.0, Branch::Cond),
+            &mut StepStats::default(),
+        );
+        let out0 = toy.forward(
+            &mut s,
+            &ctx(0, 500.0, Branch::Cond),
+            &mut StepStats::default(),
+        );
         assert!(out0.equal(&full0));
-        let head0 = s.states.cond.head_output.as_ref().unwrap().hidden.shallow_clone();
-        let tail_residual = s.states.cond.tail_residuals.as_ref().unwrap().hidden.shallow_clone();
+        let head0 = s
+            .states
+            .cond
+            .head_output
+            .as_ref()
+            .unwrap()
+            .hidden
+            .shallow_clone();
+        let tail_residual = s
+            .states
+            .cond
+            .tail_residuals
+            .as_ref()
+            .unwrap()
+            .hidden
+            .shallow_clone();
         let mut stats = StepStats::default();
         let out1 = toy.forward(&mut s, &ctx(1, 500.0, Branch::Cond), &mut stats);
         assert_eq!((stats.blocks.computed, stats.blocks.skipped), (1, 3));
         // References stay at step 0; the output is (head output at step 1 + residual) * 0.5.
-        assert!(s.states.cond.head_output.as_ref().unwrap().hidden.equal(&head0));
+        assert!(s
+            .states
+            .cond
+            .head_output
+            .as_ref()
+            .unwrap()
+            .hidden
+            .equal(&head0));
         // The toy's first block adds tanh(0.1 x) to the image stream.
         let (hidden1, _) = Toy::inputs(1, Branch::Cond);
         let head1 = &hidden1 + (&hidden1 * 0.1).tanh();

@@ -215,7 +215,11 @@ impl StepStats {
 
 /// Resolves a decision into the value to use: runs `compute` (and returns its output) for
 /// `Compute`, else unwraps the supplied value; records the decision in `counts` either way.
-pub fn resolve<T>(decision: Decision<T>, counts: &mut ModuleCounts, compute: impl FnOnce() -> T) -> (T, bool) {
+pub fn resolve<T>(
+    decision: Decision<T>,
+    counts: &mut ModuleCounts,
+    compute: impl FnOnce() -> T,
+) -> (T, bool) {
     counts.record(&decision);
     match decision {
         Decision::Compute => (compute(), true),

@@ -134,8 +134,13 @@ impl MagCache {
 
 /// Mean over tokens of the ratio of channel norms, float32.
 fn magnitude_ratio(current: &Tensor, previous: &Tensor) -> f32 {
-    let norm = |t: &Tensor| t.to_kind(Kind::Float).linalg_norm(2, [-1i64].as_slice(), false, None::<Kind>);
-    (norm(current) / (norm(previous) + 1e-8)).mean(None).double_value(&[]) as f32
+    let norm = |t: &Tensor| {
+        t.to_kind(Kind::Float)
+            .linalg_norm(2, [-1i64].as_slice(), false, None::<Kind>)
+    };
+    (norm(current) / (norm(previous) + 1e-8))
+        .mean(None)
+        .double_value(&[]) as f32
 }
 
 impl TransformerHooks for MagCache {
@@ -166,7 +171,10 @@ impl TransformerHooks for MagCache {
                 state.head_input = Some(input.hidden.shallow_clone());
                 return Decision::Compute;
             }
-            let residual = state.previous_residual.as_ref().expect("skipping needs a residual");
+            let residual = state
+                .previous_residual
+                .as_ref()
+                .expect("skipping needs a residual");
             return Decision::Skip(BlockIo {
                 hidden: &input.hidden + residual,
                 encoder: input.encoder.shallow_clone(),
@@ -185,7 +193,9 @@ impl TransformerHooks for MagCache {
         }
         let calibrate = self.calibrate;
         let state = self.states.get_mut(self.branch);
-        let Some(head_input) = state.head_input.take() else { return };
+        let Some(head_input) = state.head_input.take() else {
+            return;
+        };
         let residual = &output.hidden - head_input;
         if calibrate {
             let ratio = state
@@ -248,9 +258,19 @@ mod tests {
 
     #[test]
     fn flux_schedules_match_the_reference() {
-        assert_eq!(schedule(config(0.06, 28, &FLUX_MAG_RATIOS), 28), "CCCCCCsCsCsssCsssCsssCssCsCC");
-        assert_eq!(schedule(config(0.20, 28, &FLUX_MAG_RATIOS), 28), "CCCCCCsssCsssCsssCsssCsssCsC");
-        let full = |threshold, steps| schedule(config(threshold, steps as u32, &FLUX_MAG_RATIOS), steps).matches('C').count();
+        assert_eq!(
+            schedule(config(0.06, 28, &FLUX_MAG_RATIOS), 28),
+            "CCCCCCsCsCsssCsssCsssCssCsCC"
+        );
+        assert_eq!(
+            schedule(config(0.20, 28, &FLUX_MAG_RATIOS), 28),
+            "CCCCCCsssCsssCsssCsssCsssCsC"
+        );
+        let full = |threshold, steps| {
+            schedule(config(threshold, steps as u32, &FLUX_MAG_RATIOS), steps)
+                .matches('C')
+                .count()
+        };
         assert_eq!(full(0.10, 28), 13);
         assert_eq!(full(0.24, 28), 11);
         assert_eq!(full(0.06, 50), 26);
@@ -259,7 +279,10 @@ mod tests {
     #[test]
     fn ratios_are_resampled_like_diffusers() {
         let ratios: Vec<f32> = (0..28).map(|i| i as f32).collect();
-        let got: Vec<usize> = nearest_interp(&ratios, 50).iter().map(|&r| r as usize).collect();
+        let got: Vec<usize> = nearest_interp(&ratios, 50)
+            .iter()
+            .map(|&r| r as usize)
+            .collect();
         assert_eq!(&got[..12], [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 6]);
         assert_eq!(&got[47..], [26, 26, 27]);
         assert_eq!(nearest_interp(&ratios, 1), [27.0]);
@@ -276,10 +299,14 @@ mod tests {
         };
         for i in 0..2 {
             let id = dual(i, 2);
-            let (next, computed) = resolve(mc.before_block(&id, &io), &mut ModuleCounts::default(), || BlockIo {
-                hidden: &io.hidden * 2.0,
-                encoder: io.encoder.shallow_clone(),
-            });
+            let (next, computed) = resolve(
+                mc.before_block(&id, &io),
+                &mut ModuleCounts::default(),
+                || BlockIo {
+                    hidden: &io.hidden * 2.0,
+                    encoder: io.encoder.shallow_clone(),
+                },
+            );
             if computed {
                 mc.after_block(&id, &io, &next);
             }
@@ -328,7 +355,10 @@ mod tests {
         doubling_forward(&mut mc, 3, 1.0);
         assert_eq!(mc.calibrated_mag_ratios(), Some(expected));
         // Not calibrating: nothing to report.
-        assert_eq!(MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS)).calibrated_mag_ratios(), None);
+        assert_eq!(
+            MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS)).calibrated_mag_ratios(),
+            None
+        );
     }
 
     #[test]
@@ -342,6 +372,9 @@ mod tests {
         let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS));
         toy.run(&mut mc, &[500.0], &[Branch::Cond, Branch::Uncond]);
         assert_eq!(mc.state_bytes(), 2 * 64 * 8 * 4);
-        assert_eq!((mc.states.cond.step_index, mc.states.uncond.step_index), (1, 1));
+        assert_eq!(
+            (mc.states.cond.step_index, mc.states.uncond.step_index),
+            (1, 1)
+        );
     }
 }

@@ -90,7 +90,9 @@ pub fn build_strategy(config: &CacheConfig) -> ServiceResult<Box<dyn CacheStrate
     ensure_supported(config)?;
     Ok(match config {
         CacheConfig::None => Box::new(NoCache),
-        CacheConfig::PyramidAttentionBroadcast(c) => Box::new(PyramidAttentionBroadcast::new(c.clone())),
+        CacheConfig::PyramidAttentionBroadcast(c) => {
+            Box::new(PyramidAttentionBroadcast::new(c.clone()))
+        }
         CacheConfig::FasterCache(c) => Box::new(FasterCache::new(c.clone())),
         CacheConfig::TaylorSeer(c) => Box::new(TaylorSeer::new(c.clone())?),
         CacheConfig::FirstBlockCache(c) => Box::new(FirstBlockCache::new(c.clone())),
@@ -148,8 +150,8 @@ mod test_util {
     use tch::{Device, Kind, Tensor};
 
     use super::hooks::{
-        resolve, AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, ModuleCounts, StepStats,
-        TransformerHooks,
+        resolve, AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext,
+        ModuleCounts, StepStats, TransformerHooks,
     };
 
     /// A context for a 16x16 latent (an 8x8 token grid).
@@ -204,7 +206,13 @@ mod test_util {
         pub fn ids(&self) -> Vec<BlockId> {
             let n = self.dual + self.single;
             (0..n)
-                .map(|i| if i < self.dual { dual(i, n) } else { single(i - self.dual, i, n) })
+                .map(|i| {
+                    if i < self.dual {
+                        dual(i, n)
+                    } else {
+                        single(i - self.dual, i, n)
+                    }
+                })
                 .collect()
         }
 
@@ -217,14 +225,21 @@ mod test_util {
             (hidden, encoder)
         }
 
-        fn block(hooks: &mut impl TransformerHooks, id: &BlockId, io: &BlockIo, counts: &mut ModuleCounts) -> BlockIo {
+        fn block(
+            hooks: &mut impl TransformerHooks,
+            id: &BlockId,
+            io: &BlockIo,
+            counts: &mut ModuleCounts,
+        ) -> BlockIo {
             let gain = 0.1 * (1.0 + id.flat_index as f64);
             let (attn, computed) = resolve(hooks.before_attention(id), counts, || match id.kind {
                 BlockKind::Dual => AttnOutput::Joint {
                     hidden: (&io.hidden * gain).tanh(),
                     encoder: (&io.encoder * gain).tanh(),
                 },
-                BlockKind::Single => AttnOutput::Single((Tensor::cat(&[&io.encoder, &io.hidden], 1) * gain).tanh()),
+                BlockKind::Single => {
+                    AttnOutput::Single((Tensor::cat(&[&io.encoder, &io.hidden], 1) * gain).tanh())
+                }
             });
             if computed {
                 hooks.after_attention(id, &attn);
@@ -245,7 +260,12 @@ mod test_util {
         }
 
         /// One forward of `ctx.branch` at `ctx.step`, recording decisions in `stats`.
-        pub fn forward(&self, hooks: &mut impl TransformerHooks, ctx: &ForwardContext, stats: &mut StepStats) -> Tensor {
+        pub fn forward(
+            &self,
+            hooks: &mut impl TransformerHooks,
+            ctx: &ForwardContext,
+            stats: &mut StepStats,
+        ) -> Tensor {
             let (hidden, encoder) = Self::inputs(ctx.step, ctx.branch);
             let StepStats {
                 forwards,
@@ -256,14 +276,18 @@ mod test_util {
             let (out, computed) = resolve(hooks.before_forward(ctx), forwards, || {
                 let mut io = BlockIo { hidden, encoder };
                 for id in self.ids() {
-                    let (next, computed) =
-                        resolve(hooks.before_block(&id, &io), blocks, || Self::block(hooks, &id, &io, attention));
+                    let (next, computed) = resolve(hooks.before_block(&id, &io), blocks, || {
+                        Self::block(hooks, &id, &io, attention)
+                    });
                     if computed {
                         hooks.after_block(&id, &io, &next);
                     }
                     io = next;
                 }
-                let (out, computed) = resolve(hooks.before_output_projection(), output_projection, || &io.hidden * 0.5);
+                let (out, computed) =
+                    resolve(hooks.before_output_projection(), output_projection, || {
+                        &io.hidden * 0.5
+                    });
                 if computed {
                     hooks.after_output_projection(&out);
                 }
@@ -278,7 +302,12 @@ mod test_util {
         /// Runs `timesteps.len()` steps (each branch in `branches`, in order) and returns one
         /// letter per forward: C full compute, else what happened to its blocks (S skipped), its
         /// attention (P predicted / R reused), or the whole forward (F).
-        pub fn run(&self, hooks: &mut impl TransformerHooks, timesteps: &[f64], branches: &[Branch]) -> Vec<String> {
+        pub fn run(
+            &self,
+            hooks: &mut impl TransformerHooks,
+            timesteps: &[f64],
+            branches: &[Branch],
+        ) -> Vec<String> {
             let mut letters = vec![String::new(); branches.len()];
             for (step, &t) in timesteps.iter().enumerate() {
                 for (b, &branch) in branches.iter().enumerate() {
@@ -308,17 +337,30 @@ mod test_util {
 
     /// Runs one forward per timestep with a single joint attention module whose computed output
     /// is the step index, and returns the decision letters.
-    pub fn attn_decisions(hooks: &mut impl TransformerHooks, timesteps: &[f64], branch: Branch) -> String {
+    pub fn attn_decisions(
+        hooks: &mut impl TransformerHooks,
+        timesteps: &[f64],
+        branch: Branch,
+    ) -> String {
         let id = dual(0, 2);
         timesteps
             .iter()
             .enumerate()
             .map(|(step, &t)| {
-                assert!(matches!(hooks.before_forward(&ctx(step, t, branch)), Decision::Compute));
+                assert!(matches!(
+                    hooks.before_forward(&ctx(step, t, branch)),
+                    Decision::Compute
+                ));
                 let d = hooks.before_attention(&id);
                 if let Decision::Compute = d {
                     let out = Tensor::from_slice(&[step as f32]);
-                    hooks.after_attention(&id, &AttnOutput::Joint { hidden: out.shallow_clone(), encoder: out });
+                    hooks.after_attention(
+                        &id,
+                        &AttnOutput::Joint {
+                            hidden: out.shallow_clone(),
+                            encoder: out,
+                        },
+                    );
                 }
                 letter(&d)
             })
@@ -337,7 +379,9 @@ mod tests {
             CacheConfig::None,
             CacheConfig::from_proto(
                 Some(&pb::CacheConfig {
-                    strategy: Some(pb::cache_config::Strategy::PyramidAttentionBroadcast(Default::default())),
+                    strategy: Some(pb::cache_config::Strategy::PyramidAttentionBroadcast(
+                        Default::default(),
+                    )),
                 }),
                 "cache",
             )

@@ -65,11 +65,19 @@ impl TransformerHooks for PyramidAttentionBroadcast {
         let Some((n, range)) = self.spatial else {
             return Decision::Compute;
         };
-        let state = self.modules.get_mut(self.branch).entry(id.flat_index).or_default();
+        let state = self
+            .modules
+            .get_mut(self.branch)
+            .entry(id.flat_index)
+            .or_default();
         let iteration = state.iteration;
         state.iteration += 1;
         match &state.cache {
-            Some(cache) if iteration != 0 && range.contains(self.timestep) && !iteration.is_multiple_of(n as u64) => {
+            Some(cache)
+                if iteration != 0
+                    && range.contains(self.timestep)
+                    && !iteration.is_multiple_of(n as u64) =>
+            {
                 Decision::Reuse(cache.shallow_clone())
             }
             _ => Decision::Compute,
@@ -78,7 +86,11 @@ impl TransformerHooks for PyramidAttentionBroadcast {
 
     fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
         if self.spatial.is_some() {
-            self.modules.get_mut(self.branch).entry(id.flat_index).or_default().cache = Some(output.shallow_clone());
+            self.modules
+                .get_mut(self.branch)
+                .entry(id.flat_index)
+                .or_default()
+                .cache = Some(output.shallow_clone());
         }
     }
 }
@@ -106,7 +118,11 @@ mod tests {
     use super::*;
     use crate::cache::test_util::{attn_decisions, ctx, dual, single};
 
-    fn config(spatial: Option<u32>, temporal: Option<u32>, range: (f32, f32)) -> PyramidAttentionBroadcastConfig {
+    fn config(
+        spatial: Option<u32>,
+        temporal: Option<u32>,
+        range: (f32, f32),
+    ) -> PyramidAttentionBroadcastConfig {
         let range = TimestepRange::new(range.0, range.1);
         PyramidAttentionBroadcastConfig {
             spatial_attention_block_skip_range: spatial,
@@ -124,17 +140,25 @@ mod tests {
 
     /// FLUX-like timesteps 1000, 900, ... over `steps`.
     fn timesteps(steps: usize) -> Vec<f64> {
-        (0..steps).map(|i| 1000.0 * (1.0 - i as f64 / steps as f64)).collect()
+        (0..steps)
+            .map(|i| 1000.0 * (1.0 - i as f64 / steps as f64))
+            .collect()
     }
 
     #[test]
     fn schedule_follows_call_count_and_strict_range() {
         // t = 1000, 900, ..., 100; strictly inside (100, 800) for calls 3..=8; reuse at odd calls.
         let mut s = pab(2, (100.0, 800.0));
-        assert_eq!(attn_decisions(&mut s, &timesteps(10), Branch::Cond), "CCCRCRCRCC");
+        assert_eq!(
+            attn_decisions(&mut s, &timesteps(10), Branch::Cond),
+            "CCCRCRCRCC"
+        );
         // Temporal / cross ranges only: FLUX has no such modules, nothing is hooked.
         let mut none = PyramidAttentionBroadcast::new(config(None, Some(2), (-1.0, 1001.0)));
-        assert_eq!(attn_decisions(&mut none, &timesteps(6), Branch::Cond), "CCCCCC");
+        assert_eq!(
+            attn_decisions(&mut none, &timesteps(6), Branch::Cond),
+            "CCCCCC"
+        );
     }
 
     #[test]
@@ -147,10 +171,18 @@ mod tests {
             match s.before_attention(&id) {
                 Decision::Compute => {
                     let o = Tensor::from_slice(&[step as f32]);
-                    s.after_attention(&id, &AttnOutput::Joint { hidden: o.shallow_clone(), encoder: o });
+                    s.after_attention(
+                        &id,
+                        &AttnOutput::Joint {
+                            hidden: o.shallow_clone(),
+                            encoder: o,
+                        },
+                    );
                     seen.push(format!("C{step}"));
                 }
-                Decision::Reuse(AttnOutput::Joint { hidden, .. }) => seen.push(format!("R{}", hidden.double_value(&[0]))),
+                Decision::Reuse(AttnOutput::Joint { hidden, .. }) => {
+                    seen.push(format!("R{}", hidden.double_value(&[0])))
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -165,9 +197,13 @@ mod tests {
             for (branch, value) in [(Branch::Cond, 1.0f32), (Branch::Uncond, -1.0)] {
                 s.before_forward(&ctx(step, 500.0, branch));
                 match s.before_attention(&id) {
-                    Decision::Compute => s.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[value]))),
+                    Decision::Compute => {
+                        s.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[value])))
+                    }
                     // A branch only ever gets its own output back.
-                    Decision::Reuse(AttnOutput::Single(t)) => assert_eq!(t.double_value(&[0]), value as f64),
+                    Decision::Reuse(AttnOutput::Single(t)) => {
+                        assert_eq!(t.double_value(&[0]), value as f64)
+                    }
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -190,7 +226,10 @@ mod tests {
             },
         );
         s.before_forward(&ctx(0, 500.0, Branch::Uncond));
-        assert!(matches!(s.before_attention(&single(0, 1, 2)), Decision::Compute));
+        assert!(matches!(
+            s.before_attention(&single(0, 1, 2)),
+            Decision::Compute
+        ));
         s.after_attention(
             &single(0, 1, 2),
             &AttnOutput::Single(Tensor::zeros([1, 6, 8], (Kind::BFloat16, Device::Cpu))),

@@ -36,7 +36,9 @@ use regex::Regex;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{FactorDtype, TaylorSeerConfig};
-use super::hooks::{AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, TransformerHooks};
+use super::hooks::{
+    AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, TransformerHooks,
+};
 use super::{bytes_of, CacheStrategy, PerBranch};
 use crate::error::{ServiceError, ServiceResult};
 
@@ -75,7 +77,9 @@ struct Schedule {
 
 impl Schedule {
     fn computes(&self, s: i64) -> bool {
-        s < self.before || (s - self.before - 1).rem_euclid(self.interval) == 0 || self.after.is_some_and(|a| s >= a)
+        s < self.before
+            || (s - self.before - 1).rem_euclid(self.interval) == 0
+            || self.after.is_some_and(|a| s >= a)
     }
 }
 
@@ -142,14 +146,18 @@ impl ModuleState {
         if self.inactive {
             self.shapes = outputs.iter().map(|t| t.size()).collect();
         } else {
-            let delta = self.last_update_step.map(|last| (self.current_step - last) as f64);
+            let delta = self
+                .last_update_step
+                .map(|last| (self.current_step - last) as f64);
             let mut factors = Vec::with_capacity(outputs.len());
             for (i, y) in outputs.iter().enumerate() {
                 let mut new = vec![y.shallow_clone()];
                 if let (Some(d), Some(old)) = (delta, self.factors.get(i)) {
                     for j in 0..max_order {
                         // A factor of another shape cannot be differenced: restart from order 0.
-                        let Some(prev) = old.get(j).filter(|p| p.size() == new[j].size()) else { break };
+                        let Some(prev) = old.get(j).filter(|p| p.size() == new[j].size()) else {
+                            break;
+                        };
                         let next = (&new[j] - prev.to_kind(y.kind())) / d;
                         new.push(next);
                     }
@@ -176,15 +184,14 @@ impl ModuleState {
             .zip(&self.kinds)
             .map(|(factors, &kind)| {
                 // Not `+=`: order 0 may alias the stored factor, which must stay intact.
-                factors
-                    .iter()
-                    .enumerate()
-                    .skip(1)
-                    .fold(factors[0].to_kind(kind), |out, (k, factor)| {
+                factors.iter().enumerate().skip(1).fold(
+                    factors[0].to_kind(kind),
+                    |out, (k, factor)| {
                         // m^k / k!, exactly as Python's `(m ** k) / math.factorial(k)` here.
                         let coeff = m.powi(k as i32) / (1..=k).product::<usize>() as f64;
                         out + factor.to_kind(kind) * coeff
-                    })
+                    },
+                )
             })
             .collect()
     }
@@ -265,7 +272,10 @@ impl TaylorSeer {
 }
 
 /// A prediction (or, for an inactive module, zeros) as a decision.
-fn decide<T>(prediction: Option<(bool, Vec<Tensor>)>, build: impl FnOnce(Vec<Tensor>) -> T) -> Decision<T> {
+fn decide<T>(
+    prediction: Option<(bool, Vec<Tensor>)>,
+    build: impl FnOnce(Vec<Tensor>) -> T,
+) -> Decision<T> {
     match prediction {
         None => Decision::Compute,
         Some((false, outputs)) => Decision::Predict(build(outputs)),
@@ -310,14 +320,17 @@ impl TransformerHooks for TaylorSeer {
     }
 
     fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
-        decide(self.begin_call(&id.attention_name()), |mut outputs| match id.kind {
-            BlockKind::Dual => {
-                let encoder = outputs.pop().expect("two outputs");
-                let hidden = outputs.pop().expect("two outputs");
-                AttnOutput::Joint { hidden, encoder }
-            }
-            BlockKind::Single => AttnOutput::Single(outputs.pop().expect("one output")),
-        })
+        decide(
+            self.begin_call(&id.attention_name()),
+            |mut outputs| match id.kind {
+                BlockKind::Dual => {
+                    let encoder = outputs.pop().expect("two outputs");
+                    let hidden = outputs.pop().expect("two outputs");
+                    AttnOutput::Joint { hidden, encoder }
+                }
+                BlockKind::Single => AttnOutput::Single(outputs.pop().expect("one output")),
+            },
+        )
     }
 
     fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
@@ -431,7 +444,10 @@ mod tests {
         // Order 2 on s^2 after computes at 0, 1, 2: f = [4, 3, 2], at m = 1: 4 + 3 + 2/2 = 8.
         let square: Vec<f32> = (0..4).map(|s| (s * s) as f32).collect();
         let mut ts = TaylorSeer::new(config(5, 3, None, 2)).unwrap();
-        assert_eq!(outputs(&mut ts, &square, Branch::Cond), [0.0, 1.0, 4.0, 8.0]);
+        assert_eq!(
+            outputs(&mut ts, &square, Branch::Cond),
+            [0.0, 1.0, 4.0, 8.0]
+        );
         // Differences are divided by the latest gap only (as diffusers): computes at 0,1,2,4.
         // At 4: f1 = (16 - 4) / 2 = 6, f2 = (6 - 3) / 2 = 1.5; step 5 (m = 1): 16 + 6 + 0.75.
         let square: Vec<f32> = (0..6).map(|s| (s * s) as f32).collect();
@@ -467,7 +483,10 @@ mod tests {
         assert_eq!(uncond, [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]);
         // A fresh strategy (switch / reset) warms up again from its own step 0.
         let mut fresh = TaylorSeer::new(config(5, 3, None, 1)).unwrap();
-        assert_eq!(attn_decisions(&mut fresh, &[500.0; 4], Branch::Cond), "CCCP");
+        assert_eq!(
+            attn_decisions(&mut fresh, &[500.0; 4], Branch::Cond),
+            "CCCP"
+        );
     }
 
     #[test]
@@ -513,7 +532,9 @@ mod tests {
                 assert_eq!((stats.blocks.skipped, stats.blocks.computed), (3, 0));
                 assert_eq!(stats.output_projection.predicted, 1);
                 assert_eq!(stats.attention.total(), 0);
-                let [(s0, y0), (s1, y1)] = &computed[computed.len() - 2..] else { unreachable!() };
+                let [(s0, y0), (s1, y1)] = &computed[computed.len() - 2..] else {
+                    unreachable!()
+                };
                 let slope = (y1 - y0) / (s1 - s0) as f64;
                 let expected = y1 + slope * (step - s1) as f64;
                 assert!(out.allclose(&expected, 1e-6, 1e-6, false), "step {step}");
@@ -533,11 +554,18 @@ mod tests {
         let mut ts = TaylorSeer::new(c).unwrap();
         let toy = Toy { dual: 1, single: 1 };
         for step in 0..2 {
-            let _ = toy.forward(&mut ts, &ctx(step, 500.0, Branch::Cond), &mut StepStats::default());
+            let _ = toy.forward(
+                &mut ts,
+                &ctx(step, 500.0, Branch::Cond),
+                &mut StepStats::default(),
+            );
         }
         // Dual attention: 2 outputs ([1,64,8] + [1,3,8]), single: 1 output [1,67,8]; 2 orders, bf16.
         assert_eq!(ts.state_bytes(), 2 * ((64 + 3) * 8 + 67 * 8) * 2);
         let id = dual(0, 2);
-        assert_eq!(ts.modules.cond[&id.attention_name()].factors[0][1].kind(), Kind::BFloat16);
+        assert_eq!(
+            ts.modules.cond[&id.attention_name()].factors[0][1].kind(),
+            Kind::BFloat16
+        );
     }
 }

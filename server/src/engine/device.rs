@@ -5,7 +5,10 @@ use crate::config::ConfigError;
 
 /// `auto` picks `cuda:0` when libtorch sees a GPU, else the CPU.
 pub fn parse_device(spec: &str) -> Result<Device, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid { key: "device", message };
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "device",
+        message,
+    };
     match spec.trim().to_ascii_lowercase().as_str() {
         "auto" | "" => Ok(if tch::Cuda::is_available() {
             Device::Cuda(0)
@@ -16,7 +19,9 @@ pub fn parse_device(spec: &str) -> Result<Device, ConfigError> {
         "cuda" | "gpu" => cuda(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => cuda(n),
-            _ => Err(invalid(format!("`{spec}`: expected auto, cpu, cuda or cuda:N"))),
+            _ => Err(invalid(format!(
+                "`{spec}`: expected auto, cpu, cuda or cuda:N"
+            ))),
         },
     }
 }
@@ -36,7 +41,11 @@ fn cuda(n: usize) -> Result<Device, ConfigError> {
 /// `auto` is bfloat16 on CUDA and float32 on the CPU (CPU half-precision kernels are slow).
 pub fn parse_dtype(spec: &str, device: Device) -> Result<Kind, ConfigError> {
     match spec.trim().to_ascii_lowercase().as_str() {
-        "auto" | "" => Ok(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float }),
+        "auto" | "" => Ok(if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }),
         "float32" | "fp32" | "f32" => Ok(Kind::Float),
         "bfloat16" | "bf16" => Ok(Kind::BFloat16),
         "float16" | "fp16" | "f16" | "half" => Ok(Kind::Half),
@@ -75,7 +84,10 @@ mod tests {
         assert!(parse_device("tpu").is_err());
         assert!(parse_device("cuda:999").is_err());
         assert_eq!(parse_dtype("auto", Device::Cpu).unwrap(), Kind::Float);
-        assert_eq!(parse_dtype("auto", Device::Cuda(0)).unwrap(), Kind::BFloat16);
+        assert_eq!(
+            parse_dtype("auto", Device::Cuda(0)).unwrap(),
+            Kind::BFloat16
+        );
         assert_eq!(parse_dtype("bf16", Device::Cpu).unwrap(), Kind::BFloat16);
         assert!(parse_dtype("int8", Device::Cpu).is_err());
     }

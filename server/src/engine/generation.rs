@@ -77,8 +77,9 @@ impl Running {
         let prepared = cache::build_strategy(&strategy_config)
             .map_err(Status::from)
             .and_then(|strategy| {
-                let generation = guarded("prompt encoding", || model.pipeline.prepare(&job.params))?
-                    .map_err(|e| Status::from(ServiceError::from(e)))?;
+                let generation =
+                    guarded("prompt encoding", || model.pipeline.prepare(&job.params))?
+                        .map_err(|e| Status::from(ServiceError::from(e)))?;
                 Ok((strategy, generation))
             });
         let (strategy, generation) = match prepared {
@@ -151,7 +152,8 @@ impl Running {
             };
         }
         if self.job.guard.session().is_cancelled() {
-            self.outbox.push_back(Err(Status::cancelled("generation cancelled")));
+            self.outbox
+                .push_back(Err(Status::cancelled("generation cancelled")));
             self.done = true;
         } else if let Err(status) = self.step(model) {
             self.outbox.push_back(Err(status));
@@ -216,7 +218,8 @@ impl Running {
         session.set_cache_bytes(state_bytes);
 
         let p = &self.job.params;
-        let image_tokens = (p.width / model.info.size_multiple as usize) * (p.height / model.info.size_multiple as usize);
+        let image_tokens = (p.width / model.info.size_multiple as usize)
+            * (p.height / model.info.size_multiple as usize);
         let (flops, saved) = model.step_flops(image_tokens, p.max_sequence_length, &stats);
         let t = &mut self.totals;
         t.flops_total += flops;
@@ -246,23 +249,34 @@ impl Running {
             step_ms: step_time.as_secs_f32() * 1000.0,
             preview,
         };
-        tracing::debug!(step_ms = step.step_ms, full = stats.full_compute(), "step done");
-        self.outbox.push_back(Ok(event(pb::generate_event::Event::Step(step))));
+        tracing::debug!(
+            step_ms = step.step_ms,
+            full = stats.full_compute(),
+            "step done"
+        );
+        self.outbox
+            .push_back(Ok(event(pb::generate_event::Event::Step(step))));
 
         if self.generation.is_done() {
             let completed = self.complete(model)?;
-            self.outbox.push_back(Ok(event(pb::generate_event::Event::Completed(completed))));
+            self.outbox
+                .push_back(Ok(event(pb::generate_event::Event::Completed(completed))));
             self.done = true;
         }
         Ok(())
     }
 
-    fn preview(&self, model: &LoadedModel, index: usize, total: usize) -> Result<Option<pb::Image>, Status> {
+    fn preview(
+        &self,
+        model: &LoadedModel,
+        index: usize,
+        total: usize,
+    ) -> Result<Option<pb::Image>, Status> {
         let opts = &self.job.preview;
         let mode = pb::PreviewMode::try_from(opts.mode).unwrap_or(pb::PreviewMode::None);
         let every = opts.every_n_steps.max(1) as usize;
         if matches!(mode, pb::PreviewMode::None | pb::PreviewMode::Unspecified)
-            || (index % every != 0 && index + 1 != total)
+            || (!index.is_multiple_of(every) && index + 1 != total)
         {
             return Ok(None);
         }

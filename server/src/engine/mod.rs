@@ -31,6 +31,8 @@ pub type EventSender = tokio_mpsc::Sender<Result<pb::GenerateEvent, tonic::Statu
 /// One generation request, validated and resolved by the API layer.
 pub struct Job {
     pub generation_id: String,
+    /// Declared before `events` so that it drops first: the session is free again (and counts
+    /// the generation) before its client sees the stream end.
     pub guard: GenerationGuard,
     pub model: String,
     pub params: GenerateParams,
@@ -176,7 +178,9 @@ impl Engine {
             }
             let mut progressed = false;
             for _ in 0..self.running.len() {
-                let Some(mut gen) = self.running.pop_front() else { break };
+                let Some(mut gen) = self.running.pop_front() else {
+                    break;
+                };
                 let model = &self.models[gen.model_index];
                 let outcome = gen.turn(model);
                 progressed |= outcome.progressed;

@@ -29,7 +29,12 @@ impl LoadedModel {
         let info = pb::ModelInfo {
             name: entry.name.clone(),
             family: "flux".into(),
-            variant: if spec.guidance_embeds { "flux-dev" } else { "flux-schnell" }.into(),
+            variant: if spec.guidance_embeds {
+                "flux-dev"
+            } else {
+                "flux-schnell"
+            }
+            .into(),
             conditioning: pb::Conditioning::Text as i32,
             default_width: spec.default_width as u32,
             default_height: spec.default_height as u32,
@@ -41,17 +46,25 @@ impl LoadedModel {
             default_steps: if spec.guidance_embeds { 28 } else { 4 },
             steps: Some(pb::Range { min: 1, max: 1000 }),
             default_guidance: if spec.guidance_embeds { 3.5 } else { 0.0 },
-            guidance: Some(pb::FloatRange { min: 0.0, max: 100.0 }),
+            guidance: Some(pb::FloatRange {
+                min: 0.0,
+                max: 100.0,
+            }),
             guidance_embeds: spec.guidance_embeds,
             supports_true_cfg: true,
             dtype: dtype_name(kind).into(),
             device: device_name(device),
-            supported_caches: cache::supported_kinds().into_iter().map(|k| k as i32).collect(),
+            supported_caches: cache::supported_kinds()
+                .into_iter()
+                .map(|k| k as i32)
+                .collect(),
             num_blocks: (spec.num_dual_blocks + spec.num_single_blocks) as u32,
         };
         Ok(Self {
             info,
-            max_sequence_length: entry.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+            max_sequence_length: entry
+                .max_sequence_length
+                .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
             latent_rgb: LatentRgb::for_channels(spec.latent_channels),
             hidden_dim: spec.hidden_dim as f64,
             pipeline,
@@ -63,7 +76,12 @@ impl LoadedModel {
     /// Per block over `L` tokens of width `D` (dual- and single-stream blocks cost the same to
     /// first order): projections and MLP ≈ 12·L·D² multiply-adds, attention scores and mixing
     /// ≈ 2·L²·D; the attention module alone (q/k/v/out projections and attention) ≈ 4·L·D² + 2·L²·D.
-    pub fn step_flops(&self, image_tokens: usize, text_tokens: usize, stats: &StepStats) -> (f64, f64) {
+    pub fn step_flops(
+        &self,
+        image_tokens: usize,
+        text_tokens: usize,
+        stats: &StepStats,
+    ) -> (f64, f64) {
         let (l, d) = ((image_tokens + text_tokens) as f64, self.hidden_dim);
         let block = 2.0 * (12.0 * l * d * d + 2.0 * l * l * d);
         let attention = 2.0 * (4.0 * l * d * d + 2.0 * l * l * d);
@@ -73,7 +91,9 @@ impl LoadedModel {
         let skipped_forwards = (stats.forwards.total() - stats.forwards.computed) as f64;
         let skipped_blocks = (stats.blocks.total() - stats.blocks.computed) as f64;
         let skipped_attention = (stats.attention.total() - stats.attention.computed) as f64;
-        let saved = skipped_forwards * blocks_per_forward * block + skipped_blocks * block + skipped_attention * attention;
+        let saved = skipped_forwards * blocks_per_forward * block
+            + skipped_blocks * block
+            + skipped_attention * attention;
         (total, saved.min(total))
     }
 }

@@ -29,6 +29,7 @@ pub enum TimeShiftType {
 /// `scheduler/scheduler_config.json`, with diffusers' defaults for absent keys.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SchedulerConfig {
+    /// Must be `FlowMatchEulerDiscreteScheduler`.
     #[serde(rename = "_class_name", default)]
     pub class_name: Option<String>,
     #[serde(default = "default_num_train_timesteps")]
@@ -109,18 +110,37 @@ impl SchedulerConfig {
             ("use_flow_sigmas", self.use_flow_sigmas),
         ];
         if let Some((key, _)) = unsupported.iter().find(|(_, on)| *on) {
-            return Err(ModelError::config(path, key, "true is not supported (only false)"));
+            return Err(ModelError::config(
+                path,
+                key,
+                "true is not supported (only false)",
+            ));
         }
         if self.num_train_timesteps == 0 {
-            return Err(ModelError::config(path, "num_train_timesteps", "must be positive"));
+            return Err(ModelError::config(
+                path,
+                "num_train_timesteps",
+                "must be positive",
+            ));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(ModelError::config(path, "shift", format!("must be positive, got {}", self.shift)));
+            return Err(ModelError::config(
+                path,
+                "shift",
+                format!("must be positive, got {}", self.shift),
+            ));
         }
         if self.use_dynamic_shifting {
-            for (key, value) in [("base_shift", self.base_shift), ("max_shift", self.max_shift)] {
+            for (key, value) in [
+                ("base_shift", self.base_shift),
+                ("max_shift", self.max_shift),
+            ] {
                 if !value.is_some_and(f64::is_finite) {
-                    return Err(ModelError::config(path, key, "a number is required with use_dynamic_shifting"));
+                    return Err(ModelError::config(
+                        path,
+                        key,
+                        "a number is required with use_dynamic_shifting",
+                    ));
                 }
             }
             if self.base_image_seq_len == self.max_image_seq_len {
@@ -157,7 +177,13 @@ impl SchedulerConfig {
 }
 
 /// diffusers `calculate_shift` (in f64, like Python).
-pub fn calculate_shift(image_seq_len: usize, base_seq_len: u32, max_seq_len: u32, base_shift: f64, max_shift: f64) -> f64 {
+pub fn calculate_shift(
+    image_seq_len: usize,
+    base_seq_len: u32,
+    max_seq_len: u32,
+    base_shift: f64,
+    max_shift: f64,
+) -> f64 {
     let m = (max_shift - base_shift) / (f64::from(max_seq_len) - f64::from(base_seq_len));
     let b = base_shift - m * f64::from(base_seq_len);
     image_seq_len as f64 * m + b
@@ -191,6 +217,7 @@ impl FlowMatchEulerDiscreteScheduler {
         })
     }
 
+    /// The parsed `scheduler_config.json`.
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
     }
@@ -209,7 +236,9 @@ impl FlowMatchEulerDiscreteScheduler {
             .collect();
 
         if c.use_dynamic_shifting {
-            let mu = mu.ok_or_else(|| ModelError::invalid_input("mu", "required with use_dynamic_shifting"))?;
+            let mu = mu.ok_or_else(|| {
+                ModelError::invalid_input("mu", "required with use_dynamic_shifting")
+            })?;
             // `time_shift(mu, 1.0, t)`; `x ** 1.0` is exact and left out.
             let numerator = match c.time_shift_type {
                 TimeShiftType::Exponential => mu.exp() as f32,
@@ -231,7 +260,10 @@ impl FlowMatchEulerDiscreteScheduler {
             let last = 1.0 - *sigmas.last().expect("at least one step");
             if last == 0.0 {
                 // diffusers would divide 0 by 0 here and return NaN sigmas.
-                return Err(ModelError::invalid_input("steps", "shift_terminal needs at least 2 steps"));
+                return Err(ModelError::invalid_input(
+                    "steps",
+                    "shift_terminal needs at least 2 steps",
+                ));
             }
             let scale = last / (1.0 - terminal) as f32;
             for s in &mut sigmas {
@@ -264,6 +296,7 @@ impl FlowMatchEulerDiscreteScheduler {
         &self.timesteps
     }
 
+    /// Steps in the current schedule (0 before `set_timesteps`).
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
     }
@@ -350,17 +383,28 @@ mod tests {
         let mut s = scheduler(json).unwrap();
         s.set_timesteps(3, None).unwrap();
         // Before inversion the schedule ends at the terminal value 0.1; inverted, at 0.9.
-        assert!((s.sigmas()[2] - 0.9).abs() < 1e-6 && s.sigmas()[3] == 1.0, "{:?}", s.sigmas());
+        assert!(
+            (s.sigmas()[2] - 0.9).abs() < 1e-6 && s.sigmas()[3] == 1.0,
+            "{:?}",
+            s.sigmas()
+        );
         assert_eq!(s.sigmas()[0], 0.0);
     }
 
     #[test]
     fn rejects_unsupported_options() {
-        let err = scheduler(r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": true}"#)
+        let err = scheduler(
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": true}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("scheduler_config.json") && err.contains("`use_karras_sigmas`"),
+            "{err}"
+        );
+        let err = scheduler(r#"{"_class_name": "EulerDiscreteScheduler"}"#)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("scheduler_config.json") && err.contains("`use_karras_sigmas`"), "{err}");
-        let err = scheduler(r#"{"_class_name": "EulerDiscreteScheduler"}"#).unwrap_err().to_string();
         assert!(err.contains("EulerDiscreteScheduler"), "{err}");
     }
 

@@ -42,10 +42,16 @@ impl Weights {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        let files = if let Some(index) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
+        let files = if let Some(index) = names
+            .iter()
+            .find(|n| n.ends_with(".safetensors.index.json"))
+        {
             shard_files_from_index(&dir.join(index))?
         } else {
-            let singles: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+            let singles: Vec<&String> = names
+                .iter()
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
             match singles.as_slice() {
                 [one] => vec![dir.join(one)],
                 [] => {
@@ -62,7 +68,10 @@ impl Weights {
                         path: dir.to_path_buf(),
                         source: std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
-                            format!("{} .safetensors files and no index to say which to use", many.len()),
+                            format!(
+                                "{} .safetensors files and no index to say which to use",
+                                many.len()
+                            ),
                         ),
                     })
                 }
@@ -116,7 +125,10 @@ impl Weights {
 
     /// The folder (first shard's path) for error messages.
     pub fn path(&self) -> &Path {
-        self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new(""))
+        self.shards
+            .first()
+            .map(|s| s.path.as_path())
+            .unwrap_or(Path::new(""))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -196,7 +208,8 @@ impl Weights {
             .mmap
             .get(shard.data_start + begin..shard.data_start + end)
             .ok_or_else(|| data_err("data offsets beyond the end of the file".into()))?;
-        let tensor = Tensor::f_from_data_size(bytes, shape, disk_kind).map_err(|e| data_err(e.to_string()))?;
+        let tensor = Tensor::f_from_data_size(bytes, shape, disk_kind)
+            .map_err(|e| data_err(e.to_string()))?;
         Ok(tensor.to_device(self.device).to_kind(kind))
     }
 }

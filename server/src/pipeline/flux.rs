@@ -154,10 +154,12 @@ impl FluxGeneration {
         self.step_index
     }
 
+    /// Steps in the schedule.
     pub fn num_steps(&self) -> usize {
         self.scheduler.num_steps()
     }
 
+    /// Every step has run; the latents are final.
     pub fn is_done(&self) -> bool {
         self.step_index >= self.num_steps()
     }
@@ -167,6 +169,7 @@ impl FluxGeneration {
         self.width
     }
 
+    /// Output image height in pixels (rounded like the width).
     pub fn height(&self) -> usize {
         self.height
     }
@@ -239,7 +242,12 @@ fn latent_image_ids(h: i64, w: i64, device: Device, kind: Kind) -> Tensor {
 
 /// One `(library, class)` entry of `model_index.json`.
 fn component_class(index: &Value, name: &str) -> Option<String> {
-    index.get(name)?.as_array()?.get(1)?.as_str().map(str::to_owned)
+    index
+        .get(name)?
+        .as_array()?
+        .get(1)?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// The one width the pipeline needs from each text encoder config, to check it against the
@@ -297,7 +305,10 @@ impl FluxPipeline {
             return Err(ModelError::config(
                 &transformer_config,
                 "in_channels",
-                format!("{} is not 4 × the VAE's latent_channels ({latent_channels})", tc.in_channels),
+                format!(
+                    "{} is not 4 × the VAE's latent_channels ({latent_channels})",
+                    tc.in_channels
+                ),
             ));
         }
         if tc.output_dim() != tc.in_channels {
@@ -315,7 +326,11 @@ impl FluxPipeline {
         }
         let levels = vae.config().block_out_channels.len();
         if levels == 0 || levels > 8 {
-            return Err(ModelError::config(&vae_config, "block_out_channels", format!("{levels} levels")));
+            return Err(ModelError::config(
+                &vae_config,
+                "block_out_channels",
+                format!("expected 1 to 8 levels, got {levels}"),
+            ));
         }
         let vae_scale_factor = 1usize << (levels - 1);
 
@@ -325,7 +340,10 @@ impl FluxPipeline {
             return Err(ModelError::config(
                 &clip_config,
                 "hidden_size",
-                format!("{clip_width}, but the transformer's pooled_projection_dim is {}", tc.pooled_projection_dim),
+                format!(
+                    "{clip_width}, but the transformer's pooled_projection_dim is {}",
+                    tc.pooled_projection_dim
+                ),
             ));
         }
         let t5_config = dir.join("text_encoder_2").join("config.json");
@@ -334,7 +352,10 @@ impl FluxPipeline {
             return Err(ModelError::config(
                 &t5_config,
                 "d_model",
-                format!("{t5_width}, but the transformer's joint_attention_dim is {}", tc.joint_attention_dim),
+                format!(
+                    "{t5_width}, but the transformer's joint_attention_dim is {}",
+                    tc.joint_attention_dim
+                ),
             ));
         }
 
@@ -352,10 +373,12 @@ impl FluxPipeline {
         })
     }
 
+    /// The loaded transformer (its config, block count and per-block compute estimate).
     pub fn transformer(&self) -> &FluxTransformer {
         &self.transformer
     }
 
+    /// What the server needs to describe this model.
     pub fn spec(&self) -> FluxSpec {
         let c = self.transformer.config();
         FluxSpec {
@@ -380,7 +403,10 @@ impl FluxPipeline {
         // FluxPipeline.prepare_latents: `2 * (int(height) // (vae_scale_factor * 2))`.
         let latent_size = |pixels: usize, field: &str| {
             if pixels < multiple {
-                Err(ModelError::invalid_input(field, format!("must be at least {multiple} pixels, got {pixels}")))
+                Err(ModelError::invalid_input(
+                    field,
+                    format!("must be at least {multiple} pixels, got {pixels}"),
+                ))
             } else {
                 Ok(2 * (pixels / multiple) as i64)
             }
@@ -393,12 +419,21 @@ impl FluxPipeline {
         if !(1..=MAX_SEQUENCE_LENGTH).contains(&params.max_sequence_length) {
             return Err(ModelError::invalid_input(
                 "max_sequence_length",
-                format!("must be between 1 and {MAX_SEQUENCE_LENGTH}, got {}", params.max_sequence_length),
+                format!(
+                    "must be between 1 and {MAX_SEQUENCE_LENGTH}, got {}",
+                    params.max_sequence_length
+                ),
             ));
         }
-        for (field, value) in [("guidance", params.guidance), ("true_cfg_scale", params.true_cfg_scale)] {
+        for (field, value) in [
+            ("guidance", params.guidance),
+            ("true_cfg_scale", params.true_cfg_scale),
+        ] {
             if !value.is_finite() {
-                return Err(ModelError::invalid_input(field, format!("must be finite, got {value}")));
+                return Err(ModelError::invalid_input(
+                    field,
+                    format!("must be finite, got {value}"),
+                ));
             }
         }
 
@@ -406,15 +441,22 @@ impl FluxPipeline {
         let cond = self.encode_prompt(&params.prompt, params.max_sequence_length);
         let true_cfg = params.true_cfg_scale > 1.0 && params.negative_prompt.is_some();
         let uncond = match (&params.negative_prompt, true_cfg) {
-            (Some(negative), true) => Some(self.encode_prompt(negative, params.max_sequence_length)),
+            (Some(negative), true) => {
+                Some(self.encode_prompt(negative, params.max_sequence_length))
+            }
             _ => None,
         };
 
         let channels = self.vae.config().latent_channels;
         let noise = {
-            let _rng = CPU_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let _rng = CPU_RNG
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             tch::manual_seed(params.seed as i64);
-            Tensor::randn([1, channels, latent_height, latent_width], (self.kind, Device::Cpu))
+            Tensor::randn(
+                [1, channels, latent_height, latent_width],
+                (self.kind, Device::Cpu),
+            )
         };
         let latents = pack(&noise).to_device(self.device);
         let img_ids = latent_image_ids(latent_height / 2, latent_width / 2, self.device, self.kind);
@@ -424,7 +466,8 @@ impl FluxPipeline {
         scheduler.set_timesteps(params.steps, Some(scheduler.config().mu(image_seq_len)))?;
 
         let guidance = self.transformer.config().guidance_embeds.then(|| {
-            Tensor::full([1], f64::from(params.guidance), (Kind::Float, self.device)).expand([latents.size()[0]], false)
+            Tensor::full([1], f64::from(params.guidance), (Kind::Float, self.device))
+                .expand([latents.size()[0]], false)
         });
         let pixels = |latent: i64| latent as usize * self.vae_scale_factor;
         Ok(FluxGeneration {
@@ -449,7 +492,9 @@ impl FluxPipeline {
     fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> TextConditioning {
         let ids = |ids: Vec<i64>| {
             let len = ids.len() as i64;
-            Tensor::from_slice(&ids).view([1, len]).to_device(self.device)
+            Tensor::from_slice(&ids)
+                .view([1, len])
+                .to_device(self.device)
         };
         let clip_ids = ids(self.tokenizer.encode(prompt, self.tokenizer.max_length()));
         let (_, pooled) = self.text_encoder.forward(&clip_ids);
@@ -466,8 +511,17 @@ impl FluxPipeline {
     /// Runs denoising step `gen.step_index()`: the conditional forward, the unconditional one and
     /// `uncond + scale·(cond − uncond)` under true CFG, then the Euler update. Every module call
     /// goes through `hooks`; their decisions are tallied in `stats`. Panics if `gen` is done.
-    pub fn step(&self, gen: &mut FluxGeneration, hooks: &mut dyn TransformerHooks, stats: &mut StepStats) -> StepOutput {
-        assert!(!gen.is_done(), "all {} steps of this generation have run", gen.num_steps());
+    pub fn step(
+        &self,
+        gen: &mut FluxGeneration,
+        hooks: &mut dyn TransformerHooks,
+        stats: &mut StepStats,
+    ) -> StepOutput {
+        assert!(
+            !gen.is_done(),
+            "all {} steps of this generation have run",
+            gen.num_steps()
+        );
         let _no_grad = tch::no_grad_guard();
         let index = gen.step_index;
         let total = gen.num_steps();
@@ -538,7 +592,11 @@ impl FluxPipeline {
     /// `[3, H, W]`): `(x·0.5 + 0.5).clamp(0, 1)` in the image's dtype, then in f32
     /// `(x·255).round()` (half to even, as numpy) -> `(width, height, HWC bytes)`.
     pub fn to_rgb8(image: &Tensor) -> (u32, u32, Vec<u8>) {
-        let image = if image.dim() == 4 { image.get(0) } else { image.shallow_clone() };
+        let image = if image.dim() == 4 {
+            image.get(0)
+        } else {
+            image.shallow_clone()
+        };
         let (_, h, w) = image.size3().expect("image is [3, H, W]");
         let unit = (image * 0.5 + 0.5).clamp(0.0, 1.0);
         let bytes = (unit.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0)
@@ -613,7 +671,10 @@ mod tests {
         let mut bad = good.clone();
         bad["vae"] = serde_json::json!(["diffusers", "AutoencoderTiny"]);
         let err = check_model_index(&bad, path).unwrap_err().to_string();
-        assert!(err.contains("`vae`") && err.contains("AutoencoderTiny"), "{err}");
+        assert!(
+            err.contains("`vae`") && err.contains("AutoencoderTiny"),
+            "{err}"
+        );
         bad["_class_name"] = serde_json::json!("StableDiffusion3Pipeline");
         let err = check_model_index(&bad, path).unwrap_err().to_string();
         assert!(err.contains("StableDiffusion3Pipeline"), "{err}");

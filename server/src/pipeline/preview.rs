@@ -59,7 +59,10 @@ impl LatentRgb {
                     row
                 })
                 .collect();
-            Self { factors, bias: [0.0; 3] }
+            Self {
+                factors,
+                bias: [0.0; 3],
+            }
         }
     }
 
@@ -70,9 +73,16 @@ impl LatentRgb {
         let factors = Tensor::from_slice(&factors).view([c, 3]);
         let bias = Tensor::from_slice(&self.bias);
         // [h, w, C] x [C, 3] -> [h, w, 3]
-        let x = latents.get(0).to_kind(Kind::Float).to_device(tch::Device::Cpu).permute([1, 2, 0]);
+        let x = latents
+            .get(0)
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .permute([1, 2, 0]);
         let rgb = x.matmul(&factors) + bias;
-        let rgb = ((rgb.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8).contiguous();
+        let rgb = ((rgb.clamp(-1.0, 1.0) + 1.0) * 127.5)
+            .round()
+            .to_kind(Kind::Uint8)
+            .contiguous();
         let len = (h * w * 3) as usize;
         let mut bytes = vec![0u8; len];
         rgb.copy_data_u8(&mut bytes, len);
@@ -99,12 +109,19 @@ pub fn encode_image(
             ((width as f64 * scale).round() as u32).max(1),
             ((height as f64 * scale).round() as u32).max(1),
         );
-        let filter = if scale > 1.0 { FilterType::Nearest } else { FilterType::Triangle };
+        let filter = if scale > 1.0 {
+            FilterType::Nearest
+        } else {
+            FilterType::Triangle
+        };
         img = image::imageops::resize(&img, w, h, filter);
     }
     let mut data = Vec::new();
     let encoded = match format {
-        pb::ImageFormat::Jpeg => img.write_with_encoder(JpegEncoder::new_with_quality(&mut Cursor::new(&mut data), 90)),
+        pb::ImageFormat::Jpeg => img.write_with_encoder(JpegEncoder::new_with_quality(
+            &mut Cursor::new(&mut data),
+            90,
+        )),
         _ => img.write_to(&mut Cursor::new(&mut data), ImageFormat::Png),
     };
     encoded.map_err(|e| ServiceError::Internal(format!("image encoding failed: {e}")))?;

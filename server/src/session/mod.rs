@@ -71,7 +71,11 @@ impl Session {
     }
 
     fn idle_for(&self) -> Duration {
-        self.last_activity.lock().expect("activity lock").0.elapsed()
+        self.last_activity
+            .lock()
+            .expect("activity lock")
+            .0
+            .elapsed()
     }
 
     /// Replaces the strategy: future generations use it, and a running one switches at its next
@@ -173,7 +177,9 @@ impl SessionStore {
     }
 
     pub fn create(&self, new: NewSession) -> ServiceResult<Arc<Session>> {
-        let idle_timeout = new.idle_timeout.unwrap_or(self.limits.default_idle_timeout());
+        let idle_timeout = new
+            .idle_timeout
+            .unwrap_or(self.limits.default_idle_timeout());
         if idle_timeout > Duration::from_secs(self.limits.max_idle_timeout_secs) {
             return Err(ServiceError::invalid(
                 "idle_timeout_seconds",
@@ -186,7 +192,9 @@ impl SessionStore {
                 format!("at most {} labels", self.limits.max_labels),
             ));
         }
-        if !new.ephemeral && self.persistent.fetch_add(1, Ordering::AcqRel) >= self.limits.max_sessions {
+        if !new.ephemeral
+            && self.persistent.fetch_add(1, Ordering::AcqRel) >= self.limits.max_sessions
+        {
             self.persistent.fetch_sub(1, Ordering::AcqRel);
             return Err(ServiceError::ResourceExhausted(format!(
                 "the server already holds its maximum of {} sessions",
@@ -239,7 +247,10 @@ impl SessionStore {
     }
 
     /// Marks the session as generating, or refuses if it already is.
-    pub fn begin_generation(self: &Arc<Self>, session: &Arc<Session>) -> ServiceResult<GenerationGuard> {
+    pub fn begin_generation(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+    ) -> ServiceResult<GenerationGuard> {
         if session
             .generating
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -261,7 +272,9 @@ impl SessionStore {
     /// Removes the session; a running generation is cancelled at its next step boundary and its
     /// cached tensors are dropped with it. Returns the cache bytes it held.
     pub fn close(&self, id: &str) -> ServiceResult<u64> {
-        let session = self.remove(id).ok_or_else(|| ServiceError::SessionNotFound(id.to_owned()))?;
+        let session = self
+            .remove(id)
+            .ok_or_else(|| ServiceError::SessionNotFound(id.to_owned()))?;
         session.cancel();
         Ok(session.cache_bytes())
     }
@@ -334,7 +347,10 @@ mod tests {
         let err = store.create(new_session(None)).unwrap_err();
         assert!(matches!(err, ServiceError::ResourceExhausted(_)));
         assert_eq!(store.close(&a.id).unwrap(), 0);
-        assert!(matches!(store.get(&a.id), Err(ServiceError::SessionNotFound(_))));
+        assert!(matches!(
+            store.get(&a.id),
+            Err(ServiceError::SessionNotFound(_))
+        ));
         store.create(new_session(None)).unwrap();
         assert_eq!(store.len(), 2);
     }
@@ -348,9 +364,9 @@ mod tests {
             store.begin_generation(&s),
             Err(ServiceError::FailedPrecondition(_))
         ));
-        s.set_cache(CacheConfig::FirstBlockCache(crate::cache::config::FirstBlockCacheConfig {
-            threshold: 0.1,
-        }));
+        s.set_cache(CacheConfig::FirstBlockCache(
+            crate::cache::config::FirstBlockCacheConfig { threshold: 0.1 },
+        ));
         s.reset_cache();
         let pending = s.take_pending();
         assert!(pending.switch_to.is_some() && pending.reset);
@@ -364,10 +380,16 @@ mod tests {
     #[test]
     fn evicts_only_idle_sessions() {
         let store = store(4);
-        let idle = store.create(new_session(Some(Duration::from_millis(0)))).unwrap();
-        let busy = store.create(new_session(Some(Duration::from_millis(0)))).unwrap();
+        let idle = store
+            .create(new_session(Some(Duration::from_millis(0))))
+            .unwrap();
+        let busy = store
+            .create(new_session(Some(Duration::from_millis(0))))
+            .unwrap();
         let _guard = store.begin_generation(&busy).unwrap();
-        let kept = store.create(new_session(Some(Duration::from_secs(60)))).unwrap();
+        let kept = store
+            .create(new_session(Some(Duration::from_secs(60))))
+            .unwrap();
         assert_eq!(store.evict_idle(), vec![idle.id.clone()]);
         assert!(store.get(&busy.id).is_ok() && store.get(&kept.id).is_ok());
     }

@@ -13,10 +13,13 @@ pub const FLUX_TRANSFORMER_CLASS: &str = "FluxTransformer2DModel";
 /// from the file takes the default of `FluxTransformer2DModel.__init__`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct FluxTransformerConfig {
+    /// Must be `FluxTransformer2DModel`.
     #[serde(rename = "_class_name", default)]
     pub class_name: Option<String>,
+    /// Side of the square patch `proj_out` predicts per token (1 in FLUX.1).
     #[serde(default = "default_patch_size")]
     pub patch_size: i64,
+    /// Channels per input token: 4 × VAE latent channels (2×2 packed latents).
     #[serde(default = "default_in_channels")]
     pub in_channels: i64,
     /// `None` (or `null`) means `in_channels`.
@@ -30,6 +33,7 @@ pub struct FluxTransformerConfig {
     pub num_single_layers: usize,
     #[serde(default = "default_attention_head_dim")]
     pub attention_head_dim: i64,
+    /// Heads; the model width is heads × head dim.
     #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: i64,
     /// Width of the T5 embeddings fed to `context_embedder`.
@@ -106,7 +110,11 @@ impl FluxTransformerConfig {
         ];
         for (key, value) in positive {
             if value <= 0 {
-                return Err(ModelError::config(path, key, format!("must be positive, got {value}")));
+                return Err(ModelError::config(
+                    path,
+                    key,
+                    format!("must be positive, got {value}"),
+                ));
             }
         }
         // FluxPosEmbed reads one RoPE axis per id column, and FLUX ids have three columns.
@@ -121,7 +129,10 @@ impl FluxTransformerConfig {
             return Err(ModelError::config(
                 path,
                 "axes_dims_rope",
-                format!("every axis needs a positive even size, got {d} in {:?}", self.axes_dims_rope),
+                format!(
+                    "every axis needs a positive even size, got {d} in {:?}",
+                    self.axes_dims_rope
+                ),
             ));
         }
         let sum: i64 = self.axes_dims_rope.iter().sum();
@@ -171,22 +182,32 @@ mod tests {
 
     #[test]
     fn defaults_are_flux_dev_sized() {
-        let c = parse(r#"{"_class_name": "FluxTransformer2DModel", "guidance_embeds": true}"#).unwrap();
-        assert_eq!((c.inner_dim(), c.num_blocks(), c.output_dim()), (3072, 57, 64));
+        let c =
+            parse(r#"{"_class_name": "FluxTransformer2DModel", "guidance_embeds": true}"#).unwrap();
+        assert_eq!(
+            (c.inner_dim(), c.num_blocks(), c.output_dim()),
+            (3072, 57, 64)
+        );
         assert!(c.guidance_embeds);
     }
 
     #[test]
     fn rejects_bad_values_naming_the_key() {
-        let err = parse(r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [16, 56, 48]}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("transformer/config.json") && err.contains("`axes_dims_rope`"), "{err}");
+        let err =
+            parse(r#"{"_class_name": "FluxTransformer2DModel", "axes_dims_rope": [16, 56, 48]}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("transformer/config.json") && err.contains("`axes_dims_rope`"),
+            "{err}"
+        );
         let err = parse(r#"{"_class_name": "FluxTransformer2DModel", "num_attention_heads": 0}"#)
             .unwrap_err()
             .to_string();
         assert!(err.contains("`num_attention_heads`"), "{err}");
-        let err = parse(r#"{"_class_name": "SD3Transformer2DModel"}"#).unwrap_err().to_string();
+        let err = parse(r#"{"_class_name": "SD3Transformer2DModel"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("SD3Transformer2DModel"), "{err}");
         let err = parse(r#"{"num_layers": 1}"#).unwrap_err().to_string();
         assert!(err.contains("`_class_name`"), "{err}");

@@ -14,11 +14,11 @@ pub const TIMESTEP_PROJ_DIM: i64 = 256;
 /// RoPE base frequency of `FluxPosEmbed`.
 const ROPE_THETA: f64 = 10000.0;
 
-/// A `nn.Linear`: `weight [out, in]`, optional `bias [out]`.
+/// A `nn.Linear` with bias: `weight [out, in]`, `bias [out]` (every FLUX linear has one).
 #[derive(Debug)]
 pub struct Linear {
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Tensor,
 }
 
 impl Linear {
@@ -26,12 +26,13 @@ impl Linear {
     pub fn load(w: &Weights, prefix: &str, in_dim: i64, out_dim: i64) -> Result<Self> {
         Ok(Self {
             weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: Some(w.get(&format!("{prefix}.bias"), &[out_dim])?),
+            bias: w.get(&format!("{prefix}.bias"), &[out_dim])?,
         })
     }
 
+    /// `x W^T + b` over the last dim.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        x.linear(&self.weight, Some(&self.bias))
     }
 }
 
@@ -61,6 +62,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
+    /// Loads `{prefix}.linear_1` (`in_dim -> dim`) and `{prefix}.linear_2` (`dim -> dim`).
     pub fn load(w: &Weights, prefix: &str, in_dim: i64, dim: i64) -> Result<Self> {
         Ok(Self {
             linear_1: Linear::load(w, &format!("{prefix}.linear_1"), in_dim, dim)?,
@@ -68,6 +70,7 @@ impl TimestepEmbedding {
         })
     }
 
+    /// `[N, in_dim]` -> `[N, dim]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.linear_2.forward(&self.linear_1.forward(x).silu())
     }
@@ -86,7 +89,13 @@ pub struct TimeTextEmbedding {
 
 impl TimeTextEmbedding {
     /// `dim`: model width; `pooled_dim`: width of the pooled CLIP embedding.
-    pub fn load(w: &Weights, prefix: &str, dim: i64, pooled_dim: i64, guidance: bool) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        dim: i64,
+        pooled_dim: i64,
+        guidance: bool,
+    ) -> Result<Self> {
         let guidance_embedder = if guidance {
             Some(TimestepEmbedding::load(
                 w,
@@ -105,7 +114,12 @@ impl TimeTextEmbedding {
                 dim,
             )?,
             guidance_embedder,
-            text_embedder: TimestepEmbedding::load(w, &format!("{prefix}.text_embedder"), pooled_dim, dim)?,
+            text_embedder: TimestepEmbedding::load(
+                w,
+                &format!("{prefix}.text_embedder"),
+                pooled_dim,
+                dim,
+            )?,
         })
     }
 
@@ -121,8 +135,12 @@ impl TimeTextEmbedding {
                 t_emb + embedder.forward(&timestep_projection(g, TIMESTEP_PROJ_DIM).to_kind(dtype))
             }
             (None, None) => t_emb,
-            (Some(_), None) => panic!("this FLUX transformer embeds guidance: a guidance tensor is required"),
-            (None, Some(_)) => panic!("this FLUX transformer has no guidance embedder: pass no guidance"),
+            (Some(_), None) => {
+                panic!("this FLUX transformer embeds guidance: a guidance tensor is required")
+            }
+            (None, Some(_)) => {
+                panic!("this FLUX transformer has no guidance embedder: pass no guidance")
+            }
         };
         t_emb + self.text_embedder.forward(pooled)
     }
@@ -131,7 +149,9 @@ impl TimeTextEmbedding {
 /// Rotary embedding tables `(cos, sin)`, each `[S, head_dim]` f32 (diffusers `FluxPosEmbed`).
 #[derive(Debug)]
 pub struct Rope {
+    /// `cos(angle)`, each angle repeated for the two entries of its pair.
     pub cos: Tensor,
+    /// `sin(angle)`, likewise.
     pub sin: Tensor,
 }
 
@@ -139,7 +159,11 @@ pub struct Rope {
 /// (f32 on MPS, which has no f64), each repeated twice (interleaved), axes concatenated.
 pub fn rope(ids: &Tensor, axes_dims: &[i64]) -> Rope {
     let device = ids.device();
-    let freqs_kind = if device == Device::Mps { Kind::Float } else { Kind::Double };
+    let freqs_kind = if device == Device::Mps {
+        Kind::Float
+    } else {
+        Kind::Double
+    };
     let pos = ids.to_kind(Kind::Float);
     let mut cos = Vec::with_capacity(axes_dims.len());
     let mut sin = Vec::with_capacity(axes_dims.len());
@@ -149,8 +173,18 @@ pub fn rope(ids: &Tensor, axes_dims: &[i64]) -> Rope {
         let freqs = Tensor::pow_scalar(ROPE_THETA, &exponents).reciprocal();
         let angles = pos.select(1, i as i64).outer(&freqs); // [S, dim/2]
         let n = angles.size()[1] * 2;
-        cos.push(angles.cos().repeat_interleave_self_int(2, 1, n).to_kind(Kind::Float));
-        sin.push(angles.sin().repeat_interleave_self_int(2, 1, n).to_kind(Kind::Float));
+        cos.push(
+            angles
+                .cos()
+                .repeat_interleave_self_int(2, 1, n)
+                .to_kind(Kind::Float),
+        );
+        sin.push(
+            angles
+                .sin()
+                .repeat_interleave_self_int(2, 1, n)
+                .to_kind(Kind::Float),
+        );
     }
     Rope {
         cos: Tensor::cat(&cos, -1),

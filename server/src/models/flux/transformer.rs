@@ -10,7 +10,8 @@ use tch::{Device, Kind, Tensor};
 use super::config::FluxTransformerConfig;
 use super::embeddings::{apply_rotary_emb, rope, Linear, Rope, TimeTextEmbedding};
 use crate::cache::hooks::{
-    resolve, AttnOutput, BlockId, BlockIo, BlockKind, ForwardContext, ModuleCounts, StepStats, TransformerHooks,
+    resolve, AttnOutput, BlockId, BlockIo, BlockKind, ForwardContext, ModuleCounts, StepStats,
+    TransformerHooks,
 };
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
@@ -173,12 +174,19 @@ impl Attention {
     /// Joint attention of a dual block: image `[B, L_img, D]` and text `[B, L_txt, D]` streams,
     /// concatenated text first, attended together, split and projected back per stream.
     fn forward_joint(&self, hidden: &Tensor, encoder: &Tensor, rope: &Rope) -> AttnOutput {
-        let added = self.added.as_ref().expect("joint attention without added projections");
+        let added = self
+            .added
+            .as_ref()
+            .expect("joint attention without added projections");
         let q = self.norm_q.forward(&self.heads(self.to_q.forward(hidden)));
         let k = self.norm_k.forward(&self.heads(self.to_k.forward(hidden)));
         let v = self.heads(self.to_v.forward(hidden));
-        let eq = added.norm_added_q.forward(&self.heads(added.add_q_proj.forward(encoder)));
-        let ek = added.norm_added_k.forward(&self.heads(added.add_k_proj.forward(encoder)));
+        let eq = added
+            .norm_added_q
+            .forward(&self.heads(added.add_q_proj.forward(encoder)));
+        let ek = added
+            .norm_added_k
+            .forward(&self.heads(added.add_k_proj.forward(encoder)));
         let ev = self.heads(added.add_v_proj.forward(encoder));
         let out = self.attend(
             Tensor::cat(&[eq, q], 1),
@@ -189,7 +197,10 @@ impl Attention {
         let l_txt = encoder.size()[1];
         let l_img = out.size()[1] - l_txt;
         let parts = out.split_with_sizes([l_txt, l_img], 1);
-        let to_out = self.to_out.as_ref().expect("joint attention without to_out");
+        let to_out = self
+            .to_out
+            .as_ref()
+            .expect("joint attention without to_out");
         AttnOutput::Joint {
             hidden: to_out.forward(&parts[1].contiguous()),
             encoder: added.to_add_out.forward(&parts[0].contiguous()),
@@ -235,7 +246,13 @@ impl DualBlock {
         Ok(Self {
             norm1: Modulation::load(w, &format!("{prefix}.norm1"), dim, 6)?,
             norm1_context: Modulation::load(w, &format!("{prefix}.norm1_context"), dim, 6)?,
-            attn: Attention::load(w, &format!("{prefix}.attn"), dim, c.attention_head_dim, true)?,
+            attn: Attention::load(
+                w,
+                &format!("{prefix}.attn"),
+                dim,
+                c.attention_head_dim,
+                true,
+            )?,
             ff: FeedForward::load(w, &format!("{prefix}.ff"), dim)?,
             ff_context: FeedForward::load(w, &format!("{prefix}.ff_context"), dim)?,
         })
@@ -263,7 +280,10 @@ impl DualBlock {
             encoder: attn_encoder,
         } = attn
         else {
-            panic!("{}: a dual block needs a joint attention output", id.attention_name());
+            panic!(
+                "{}: a dual block needs a joint attention output",
+                id.attention_name()
+            );
         };
 
         let hidden = &io.hidden + m[2].unsqueeze(1) * attn_hidden;
@@ -296,7 +316,13 @@ impl SingleBlock {
             proj_mlp: Linear::load(w, &format!("{prefix}.proj_mlp"), dim, mlp)?,
             // Input: [attention output (dim) | MLP hidden (4·dim)].
             proj_out: Linear::load(w, &format!("{prefix}.proj_out"), dim + mlp, dim)?,
-            attn: Attention::load(w, &format!("{prefix}.attn"), dim, c.attention_head_dim, false)?,
+            attn: Attention::load(
+                w,
+                &format!("{prefix}.attn"),
+                dim,
+                c.attention_head_dim,
+                false,
+            )?,
         })
     }
 
@@ -315,9 +341,14 @@ impl SingleBlock {
         let m = self.norm.forward(temb);
         let norm = modulate(&residual, &m[0], &m[1]);
         let mlp = self.proj_mlp.forward(&norm).gelu("tanh");
-        let attn = hooked_attention(id, hooks, attention_counts, || self.attn.forward_single(&norm, rope));
+        let attn = hooked_attention(id, hooks, attention_counts, || {
+            self.attn.forward_single(&norm, rope)
+        });
         let AttnOutput::Single(attn) = attn else {
-            panic!("{}: a single block needs a single-stream attention output", id.attention_name());
+            panic!(
+                "{}: a single block needs a single-stream attention output",
+                id.attention_name()
+            );
         };
         let out = m[2].unsqueeze(1) * self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2));
         let out = clip_f16(residual + out);
@@ -373,7 +404,12 @@ impl FluxTransformer {
             .collect::<Result<_>>()?;
         Ok(Self {
             x_embedder: Linear::load(&w, "x_embedder", config.in_channels, dim)?,
-            context_embedder: Linear::load(&w, "context_embedder", config.joint_attention_dim, dim)?,
+            context_embedder: Linear::load(
+                &w,
+                "context_embedder",
+                config.joint_attention_dim,
+                dim,
+            )?,
             time_text_embed: TimeTextEmbedding::load(
                 &w,
                 "time_text_embed",
@@ -391,6 +427,7 @@ impl FluxTransformer {
         })
     }
 
+    /// The parsed `config.json`.
     pub fn config(&self) -> &FluxTransformerConfig {
         &self.config
     }
@@ -400,10 +437,12 @@ impl FluxTransformer {
         self.dual_blocks.len() + self.single_blocks.len()
     }
 
+    /// Device the weights live on.
     pub fn device(&self) -> Device {
         self.device
     }
 
+    /// Dtype the weights (and the computation) are in.
     pub fn kind(&self) -> Kind {
         self.kind
     }
@@ -469,7 +508,12 @@ impl FluxTransformer {
         out
     }
 
-    fn compute(&self, x: &ForwardInputs, hooks: &mut dyn TransformerHooks, stats: &mut StepStats) -> Tensor {
+    fn compute(
+        &self,
+        x: &ForwardInputs,
+        hooks: &mut dyn TransformerHooks,
+        stats: &mut StepStats,
+    ) -> Tensor {
         let hidden = self.x_embedder.forward(x.hidden_states);
         let dtype = hidden.kind();
         let timestep = x.timestep.to_kind(dtype) * 1000.0;
@@ -479,7 +523,13 @@ impl FluxTransformer {
             .forward(&timestep, guidance.as_ref(), x.pooled_projections);
         let encoder = self.context_embedder.forward(x.encoder_hidden_states);
 
-        let unbatch = |ids: &Tensor| if ids.dim() == 3 { ids.get(0) } else { ids.shallow_clone() };
+        let unbatch = |ids: &Tensor| {
+            if ids.dim() == 3 {
+                ids.get(0)
+            } else {
+                ids.shallow_clone()
+            }
+        };
         let ids = Tensor::cat(&[unbatch(x.txt_ids), unbatch(x.img_ids)], 0);
         let rope = rope(&ids, &self.config.axes_dims_rope);
 
@@ -498,8 +548,12 @@ impl FluxTransformer {
             let decision = hooks.before_block(&id, &io);
             let attention = &mut stats.attention;
             let (out, computed) = resolve(decision, &mut stats.blocks, || match kind {
-                BlockKind::Dual => self.dual_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention),
-                BlockKind::Single => self.single_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention),
+                BlockKind::Dual => {
+                    self.dual_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention)
+                }
+                BlockKind::Single => {
+                    self.single_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention)
+                }
             });
             if computed {
                 hooks.after_block(&id, &io, &out);
@@ -541,7 +595,10 @@ fn check_block_counts(w: &Weights, c: &FluxTransformerConfig, config_path: &Path
         ),
         (
             "num_single_layers",
-            format!("single_transformer_blocks.{}.norm.linear.weight", c.num_single_layers),
+            format!(
+                "single_transformer_blocks.{}.norm.linear.weight",
+                c.num_single_layers
+            ),
         ),
     ];
     for (key, name) in extra {
@@ -549,7 +606,10 @@ fn check_block_counts(w: &Weights, c: &FluxTransformerConfig, config_path: &Path
             return Err(ModelError::config(
                 config_path,
                 key,
-                format!("the weights in {} have more blocks (found `{name}`)", w.path().display()),
+                format!(
+                    "the weights in {} have more blocks (found `{name}`)",
+                    w.path().display()
+                ),
             ));
         }
     }
@@ -558,7 +618,10 @@ fn check_block_counts(w: &Weights, c: &FluxTransformerConfig, config_path: &Path
         return Err(ModelError::config(
             config_path,
             "guidance_embeds",
-            format!("false, but the weights in {} have `{guidance}`", w.path().display()),
+            format!(
+                "false, but the weights in {} have `{guidance}`",
+                w.path().display()
+            ),
         ));
     }
     Ok(())

@@ -1,0 +1,370 @@
+//! Parity of the step caches with diffusers' own (`enable_cache`), through `FluxPipeline::step` on
+//! the tiny random pipelines (fp32, CPU): final latents within 1e-4 and, per step, the same numbers
+//! of computed blocks and attention modules. Cases come from `tests/parity/make_cache_reference.py`
+//! (diffusers' docs/tests configs and others; switches and resets between steps; MagCache
+//! calibration). Where the server's documented semantics differ from diffusers (per-branch
+//! PAB / FasterCache state under true CFG, FasterCache's unconditional reuse with sequential CFG),
+//! the reference is diffusers' code arranged to follow ours; the manifest's `reference` names it.
+//!
+//! Data: `$DENOISED_PARITY_DATA/cache` or `<repo>/tests/parity/data/cache`; generate it with
+//! `make parity-data`. Missing data fails the tests. Run with `--nocapture` to see, per case, the
+//! difference to diffusers and how much the cache changed the output against no cache.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use denoised_proto::v1 as pb;
+use denoised_server::cache::hooks::StepStats;
+use denoised_server::cache::{build_strategy, CacheConfig, CacheStrategy};
+use denoised_server::pipeline::flux::{FluxPipeline, GenerateParams};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// Largest accepted |rust − diffusers| of the final latents.
+const TOLERANCE: f64 = 1e-4;
+/// Largest accepted difference of a calibrated magnitude ratio.
+const RATIO_TOLERANCE: f64 = 1e-5;
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("DENOISED_PARITY_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/data"))
+}
+
+/// The cache cases whose name starts with one of `prefixes`.
+fn cases(prefixes: &[&str]) -> Vec<Value> {
+    let path = data_dir().join("cache").join("manifest.json");
+    assert!(
+        path.is_file(),
+        "cache parity data missing: no {}; run `make parity-data` \
+         (or `python tests/parity/make_cache_reference.py --data tests/parity/data`)",
+        path.display()
+    );
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: Vec<Value> = manifest["cases"]
+        .as_array()
+        .expect("cache manifest: no `cases`")
+        .iter()
+        .filter(|c| {
+            prefixes
+                .iter()
+                .any(|p| c["name"].as_str().unwrap().starts_with(p))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !cases.is_empty(),
+        "{}: no case starts with {prefixes:?}",
+        path.display()
+    );
+    cases
+}
+
+/// The API config for a manifest `cache` object, validated and defaulted by the server's own code.
+fn cache_config(spec: &Value) -> CacheConfig {
+    let obj = spec.as_object().expect("cache spec is an object");
+    let kind = obj["kind"].as_str().expect("cache spec has a `kind`");
+    let u32_ = |key: &str| obj.get(key).map(|v| v.as_u64().unwrap() as u32);
+    let f32_ = |key: &str| obj.get(key).map(|v| v.as_f64().unwrap() as f32);
+    let bool_ = |key: &str| obj.get(key).map(|v| v.as_bool().unwrap());
+    let range = |key: &str| {
+        obj.get(key).map(|v| pb::FloatRange {
+            min: v[0].as_f64().unwrap() as f32,
+            max: v[1].as_f64().unwrap() as f32,
+        })
+    };
+    let known: &[&str] = match kind {
+        "none" => &[],
+        "pyramid_attention_broadcast" => &[
+            "spatial_attention_block_skip_range",
+            "spatial_attention_timestep_skip_range",
+        ],
+        "faster_cache" => &[
+            "spatial_attention_block_skip_range",
+            "spatial_attention_timestep_skip_range",
+            "attention_weight",
+            "is_guidance_distilled",
+            "unconditional_batch_skip_range",
+            "unconditional_batch_timestep_skip_range",
+            "low_frequency_weight_update_timestep_range",
+            "high_frequency_weight_update_timestep_range",
+            "alpha_low_frequency",
+            "alpha_high_frequency",
+        ],
+        "taylor_seer" => &[
+            "cache_interval",
+            "disable_cache_before_step",
+            "disable_cache_after_step",
+            "max_order",
+            "taylor_factors_dtype",
+            "use_lite_mode",
+        ],
+        "first_block_cache" => &["threshold"],
+        "mag_cache" => &[
+            "threshold",
+            "max_skip_steps",
+            "retention_ratio",
+            "num_inference_steps",
+            "mag_ratios",
+            "calibrate",
+        ],
+        other => panic!("unknown cache kind `{other}`"),
+    };
+    for key in obj.keys().filter(|k| *k != "kind") {
+        assert!(
+            known.contains(&key.as_str()),
+            "cache spec: `{key}` is not handled for {kind}"
+        );
+    }
+    use pb::cache_config::Strategy;
+    let strategy = match kind {
+        "none" => Strategy::None(pb::NoCache {}),
+        "pyramid_attention_broadcast" => {
+            Strategy::PyramidAttentionBroadcast(pb::PyramidAttentionBroadcast {
+                spatial_attention_block_skip_range: u32_("spatial_attention_block_skip_range"),
+                spatial_attention_timestep_skip_range: range(
+                    "spatial_attention_timestep_skip_range",
+                ),
+                ..Default::default()
+            })
+        }
+        "faster_cache" => Strategy::FasterCache(pb::FasterCache {
+            spatial_attention_block_skip_range: u32_("spatial_attention_block_skip_range"),
+            spatial_attention_timestep_skip_range: range("spatial_attention_timestep_skip_range"),
+            attention_weight: obj.get("attention_weight").map(|w| pb::AttentionWeight {
+                weight: Some(match w.get("linear") {
+                    Some(l) => pb::attention_weight::Weight::Linear(pb::FloatRange {
+                        min: l[0].as_f64().unwrap() as f32,
+                        max: l[1].as_f64().unwrap() as f32,
+                    }),
+                    None => pb::attention_weight::Weight::Constant(w.as_f64().unwrap() as f32),
+                }),
+            }),
+            is_guidance_distilled: bool_("is_guidance_distilled"),
+            unconditional_batch_skip_range: u32_("unconditional_batch_skip_range"),
+            unconditional_batch_timestep_skip_range: range(
+                "unconditional_batch_timestep_skip_range",
+            ),
+            low_frequency_weight_update_timestep_range: range(
+                "low_frequency_weight_update_timestep_range",
+            ),
+            high_frequency_weight_update_timestep_range: range(
+                "high_frequency_weight_update_timestep_range",
+            ),
+            alpha_low_frequency: f32_("alpha_low_frequency"),
+            alpha_high_frequency: f32_("alpha_high_frequency"),
+            ..Default::default()
+        }),
+        "taylor_seer" => Strategy::TaylorSeer(pb::TaylorSeer {
+            cache_interval: u32_("cache_interval"),
+            disable_cache_before_step: u32_("disable_cache_before_step"),
+            disable_cache_after_step: u32_("disable_cache_after_step"),
+            max_order: u32_("max_order"),
+            taylor_factors_dtype: match obj.get("taylor_factors_dtype").and_then(Value::as_str) {
+                None => pb::FactorDtype::Unspecified,
+                Some("float32") => pb::FactorDtype::Float32,
+                Some("bfloat16") => pb::FactorDtype::Bfloat16,
+                Some("float16") => pb::FactorDtype::Float16,
+                Some(other) => panic!("unknown factor dtype `{other}`"),
+            } as i32,
+            use_lite_mode: bool_("use_lite_mode"),
+            ..Default::default()
+        }),
+        "first_block_cache" => Strategy::FirstBlockCache(pb::FirstBlockCache {
+            threshold: f32_("threshold"),
+        }),
+        _ => Strategy::MagCache(pb::MagCache {
+            threshold: f32_("threshold"),
+            max_skip_steps: u32_("max_skip_steps"),
+            retention_ratio: f32_("retention_ratio"),
+            num_inference_steps: u32_("num_inference_steps"),
+            mag_ratios: obj
+                .get("mag_ratios")
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            calibrate: bool_("calibrate").unwrap_or(false),
+        }),
+    };
+    let config = pb::CacheConfig {
+        strategy: Some(strategy),
+    };
+    CacheConfig::from_proto(Some(&config), "cache")
+        .unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
+}
+
+fn params(case: &Value) -> GenerateParams {
+    let num = |key: &str| {
+        case[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("case has no `{key}`"))
+    };
+    GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().to_owned(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_owned),
+        width: num("width") as usize,
+        height: num("height") as usize,
+        steps: num("steps") as usize,
+        guidance: num("guidance") as f32,
+        true_cfg_scale: num("true_cfg_scale") as f32,
+        seed: case["seed"].as_u64().unwrap(),
+        max_sequence_length: num("max_sequence_length") as usize,
+    }
+}
+
+/// What one generation did.
+struct Run {
+    latents: Tensor,
+    /// Per step: computed blocks and attention modules, over the step's CFG forwards.
+    decisions: Vec<[u32; 2]>,
+    calibrated: Option<Vec<f32>>,
+}
+
+/// Runs a case's generation with `config`, switching / resetting the strategy before the steps
+/// the case names, as the engine does (a fresh strategy from that step on).
+fn generate(pipeline: &FluxPipeline, case: &Value, config: &CacheConfig) -> Run {
+    let switch = case.get("switch").filter(|s| !s.is_null());
+    let switch_step = switch.map(|s| s["step"].as_u64().unwrap() as usize);
+    let switch_config = switch.map(|s| cache_config(&s["cache"]));
+    let reset_step = case
+        .get("reset")
+        .and_then(Value::as_u64)
+        .map(|s| s as usize);
+    let mut gen = pipeline.prepare(&params(case)).unwrap();
+    let mut strategy: Box<dyn CacheStrategy> = build_strategy(config).unwrap();
+    let mut decisions = Vec::new();
+    while !gen.is_done() {
+        let index = gen.step_index();
+        if Some(index) == switch_step {
+            strategy = build_strategy(switch_config.as_ref().unwrap()).unwrap();
+        }
+        if Some(index) == reset_step {
+            strategy = build_strategy(config).unwrap();
+        }
+        let mut stats = StepStats::default();
+        pipeline.step(&mut gen, strategy.as_mut(), &mut stats);
+        decisions.push([stats.blocks.computed, stats.attention.computed]);
+    }
+    Run {
+        latents: gen.latents().shallow_clone(),
+        decisions,
+        calibrated: strategy.calibrated_mag_ratios(),
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// Runs every case starting with one of `prefixes`; all must match diffusers.
+fn check(prefixes: &[&str]) {
+    let _guard = tch::no_grad_guard();
+    let mut pipelines: HashMap<String, FluxPipeline> = HashMap::new();
+    let mut failures = Vec::new();
+    for case in cases(prefixes) {
+        let name = case["name"].as_str().unwrap();
+        let model = case["model"].as_str().unwrap();
+        let pipeline = pipelines.entry(model.to_owned()).or_insert_with(|| {
+            FluxPipeline::load(&data_dir().join(model), Device::Cpu, Kind::Float)
+                .unwrap_or_else(|e| panic!("{model}: {e}"))
+        });
+        let config = cache_config(&case["cache"]);
+        let run = generate(pipeline, &case, &config);
+        let uncached = generate(pipeline, &case, &CacheConfig::None);
+        let path = data_dir()
+            .join("cache")
+            .join(case["output"].as_str().unwrap());
+        let expected = Tensor::read_safetensors(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .into_iter()
+            .find(|(k, _)| k == "latents")
+            .unwrap_or_else(|| panic!("{}: no `latents`", path.display()))
+            .1;
+        let diff = max_abs_diff(&run.latents, &expected);
+        let change = max_abs_diff(&run.latents, &uncached.latents);
+        let reference = case["reference"].as_str().unwrap_or("diffusers");
+        println!(
+            "{name} ({reference}): max|Δ| vs reference = {diff:.3e}; cache changed the latents by {change:.3e} \
+             (reference: {:.3e})",
+            case["uncached_change"].as_f64().unwrap_or(f64::NAN)
+        );
+        if diff > TOLERANCE {
+            failures.push(format!("{name}: final latents differ by {diff:e}"));
+        }
+        let expected_decisions: Vec<[u32; 2]> =
+            serde_json::from_value(case["decisions"].clone()).unwrap();
+        if run.decisions != expected_decisions {
+            failures.push(format!(
+                "{name}: [blocks, attention] computed per step {:?}, diffusers {expected_decisions:?}",
+                run.decisions
+            ));
+        }
+        match case.get("calibrated_mag_ratios").filter(|r| !r.is_null()) {
+            Some(expected) => {
+                let expected: Vec<f64> = serde_json::from_value(expected.clone()).unwrap();
+                let got = run.calibrated.unwrap_or_default();
+                let worst = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0.0, f64::max);
+                println!("{name}: calibrated ratios {got:?}, max|Δ| = {worst:.3e}");
+                if got.len() != expected.len() || worst > RATIO_TOLERANCE {
+                    failures.push(format!(
+                        "{name}: calibrated ratios {got:?}, diffusers {expected:?}"
+                    ));
+                }
+                // Calibration never skips.
+                if change != 0.0 {
+                    failures.push(format!(
+                        "{name}: calibration changed the output by {change:e}"
+                    ));
+                }
+            }
+            // Each case was chosen so that the cache changes the output.
+            None if change < 1e-3 => failures.push(format!(
+                "{name}: the cache changed the output by only {change:e}"
+            )),
+            None => {}
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn pyramid_attention_broadcast_matches_diffusers() {
+    check(&["pab_"]);
+}
+
+#[test]
+fn faster_cache_matches_diffusers() {
+    check(&["faster_cache_"]);
+}
+
+#[test]
+fn taylor_seer_matches_diffusers() {
+    check(&["taylor_seer_"]);
+}
+
+#[test]
+fn first_block_cache_matches_diffusers() {
+    check(&["fbc_"]);
+}
+
+#[test]
+fn mag_cache_matches_diffusers() {
+    check(&["mag_"]);
+}
+
+#[test]
+fn switches_and_resets_match_diffusers() {
+    check(&["switch_", "reset_"]);
+}

@@ -1,0 +1,342 @@
+"""Trains denoised's default model: a tiny FLUX-architecture text-to-image model on the procedural
+shapes dataset (dataset.json), saved as a diffusers FluxPipeline folder.
+
+Phases (each one reads the previous phases' outputs from --work, so they can be rerun separately):
+  components   tokenizers from the dataset vocabulary; random, frozen CLIP + T5 text encoders
+  vae          AutoencoderKL (FLUX-style, no quant convs) on dataset images; held-out PSNR
+  latents      latent statistics -> shift_factor / scaling_factor; cached training latents and the
+               text embeddings of every dataset prompt (computed by FluxPipeline.encode_prompt)
+  transformer  FluxTransformer2DModel, rectified flow exactly as FluxPipeline samples it
+  assemble     the diffusers folder (--out), reloaded with FluxPipeline.from_pretrained and run once
+
+Deterministic given --seed: fixed torch / numpy seeds, data indices and noise drawn from seeded
+generators, two CPU threads (the thread count can change float summation order, so the results are
+bit-identical for the same torch build and thread count). `make_default.sh` runs it end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import components as C  # noqa: E402
+import dataset  # noqa: E402
+
+PHASES = ("components", "vae", "latents", "transformer", "assemble")
+# Dataset seeds of the disjoint image sets (examples are a function of (seed, index)).
+VAE_TRAIN_SET, VAE_HELDOUT_SET, LATENT_SET = 1, 2, 3
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def images(set_seed: int, indices) -> torch.Tensor:
+    return torch.from_numpy(dataset.render_batch([dataset.dataset_example(set_seed, int(i)) for i in indices]))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.work / "train_log.json"
+        self.record = json.loads(self.log_path.read_text()) if self.log_path.exists() else {}
+
+    def save_record(self, phase: str, **values) -> None:
+        self.record[phase] = values
+        self.log_path.write_text(json.dumps(self.record, indent=2))
+
+    # ------------------------------------------------------------------------------------------------
+    def components(self):
+        out = self.work / "components"
+        if out.exists():
+            shutil.rmtree(out)
+        clip_tok = C.build_clip_tokenizer(out / "tokenizer")
+        t5_tok = C.build_t5_tokenizer(out / "tokenizer_2")
+        clip, t5 = C.new_text_encoders(self.args.seed, len(clip_tok), len(t5_tok))
+        clip.save_pretrained(str(out / "text_encoder"))
+        C.prefix_clip_weights(out / "text_encoder")
+        t5.save_pretrained(str(out / "text_encoder_2"))
+        self.save_record("components", clip_vocab=len(clip_tok), t5_vocab=len(t5_tok),
+                         vocabulary=dataset.vocabulary())
+        log(f"tokenizers: CLIP {len(clip_tok)} tokens, T5 {len(t5_tok)} pieces; text encoders saved")
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vae_psnr(self, vae, n: int = 256) -> dict:
+        """PSNR (dB, images in [0, 1]) of posterior-mean reconstructions of held-out images: of the
+        pooled MSE, and the mean and minimum per image."""
+        vae.eval()
+        mses = []
+        for start in range(0, n, 64):
+            x = images(VAE_HELDOUT_SET, range(start, min(start + 64, n)))
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            mses.append(((rec - x) / 2).pow(2).flatten(1).mean(1))
+        mse = torch.cat(mses)
+        per_image = -10 * torch.log10(mse.clamp_min(1e-10))
+        vae.train()
+        return {"psnr_pooled": float(-10 * torch.log10(mse.mean())), "psnr_mean": float(per_image.mean()),
+                "psnr_min": float(per_image.min())}
+
+    def vae(self):
+        a = self.args
+        torch.manual_seed(a.seed)
+        vae = C.new_vae(a.seed).train()
+        opt = torch.optim.Adam(vae.parameters(), lr=a.vae_lr, betas=(0.9, 0.99))
+        gen = torch.Generator().manual_seed(a.seed)  # posterior samples
+        t0, history = time.time(), []
+        for step in range(a.vae_steps):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, a.vae_steps, a.vae_lr, warmup=50)
+            x = images(VAE_TRAIN_SET, range(step * a.vae_batch, (step + 1) * a.vae_batch))
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+            # L1 keeps edges sharp, MSE is what PSNR measures; a weak KL keeps latents bounded and the
+            # decoder tolerant of small latent errors (which the diffusion model will make).
+            l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+            kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+            loss = l1 + mse + a.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            history.append([float(l1), float(mse), float(kl)])
+            if (step + 1) % 100 == 0 or step + 1 == a.vae_steps:
+                h = np.mean(history[-100:], axis=0)
+                log(f"vae step {step + 1}/{a.vae_steps} l1 {h[0]:.4f} mse {h[1]:.5f} kl {h[2]:.2f} "
+                    f"({time.time() - t0:.0f}s)")
+            if (step + 1) % 500 == 0 and step + 1 < a.vae_steps:
+                log(f"vae held-out {self.vae_psnr(vae, 64)}")
+        seconds = time.time() - t0
+        psnr = self.vae_psnr(vae)
+        log(f"vae done in {seconds:.0f}s; held-out reconstruction {psnr}")
+        vae.eval().save_pretrained(str(self.work / "vae"))
+        final = np.mean(history[-100:], axis=0)
+        self.save_record("vae", seconds=round(seconds, 1), steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr,
+                         kl_weight=a.vae_kl, final_l1=float(final[0]), final_mse=float(final[1]),
+                         final_kl=float(final[2]), heldout_images=256, **psnr)
+
+    # ------------------------------------------------------------------------------------------------
+    def text_pipeline(self):
+        """A FluxPipeline with only the text side, so prompts are encoded by diffusers' own code."""
+        from diffusers import FluxPipeline
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        comp = self.work / "components"
+        return FluxPipeline(scheduler=C.new_scheduler(), vae=None, transformer=None,
+                            text_encoder=CLIPTextModel.from_pretrained(str(comp / "text_encoder")).eval(),
+                            tokenizer=CLIPTokenizer.from_pretrained(str(comp / "tokenizer")),
+                            text_encoder_2=T5EncoderModel.from_pretrained(str(comp / "text_encoder_2")).eval(),
+                            tokenizer_2=T5TokenizerFast.from_pretrained(str(comp / "tokenizer_2")))
+
+    @torch.no_grad()
+    def latents(self):
+        from diffusers import AutoencoderKL
+
+        a = self.args
+        t0 = time.time()
+        vae = AutoencoderKL.from_pretrained(str(self.work / "vae")).eval()
+        means, combos = [], []
+        for start in range(0, a.latent_images, 128):
+            idx = range(start, min(start + 128, a.latent_images))
+            examples = [dataset.dataset_example(LATENT_SET, i) for i in idx]
+            x = torch.from_numpy(dataset.render_batch(examples))
+            means.append(vae.encode(x).latent_dist.mode())
+            combos += [(ex.color, ex.shape, ex.position, ex.background) for ex in examples]
+        z = torch.cat(means)
+        # diffusers' convention (FluxPipeline): latents = (z - shift_factor) * scaling_factor.
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        vae.save_pretrained(str(self.work / "vae"))
+        x0 = (z - shift) * scale
+
+        prompts = dataset.all_prompts()
+        prompt_index = {c: i for i, c in enumerate(dataset.all_attribute_combinations())}
+        pipe = self.text_pipeline()
+        t5, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=torch.device("cpu"),
+                                           max_sequence_length=C.MAX_SEQUENCE_LENGTH)
+        torch.save({"x0": x0, "prompt_ids": torch.tensor([prompt_index[c] for c in combos]),
+                    "t5": t5, "pooled": pooled, "prompts": prompts}, self.work / "latents.pt")
+        seconds = time.time() - t0
+        # How distinct the frozen encoders keep the prompts (relative spread across prompts).
+        spread = {"t5": float(t5.std(0).mean() / t5.std()), "pooled": float(pooled.std(0).mean() / pooled.std())}
+        log(f"latents: {tuple(z.shape)} shift {shift:.4f} scale {scale:.4f}; text spread {spread} ({seconds:.0f}s)")
+        self.save_record("latents", seconds=round(seconds, 1), images=a.latent_images, shift_factor=shift,
+                         scaling_factor=scale, latent_shape=list(z.shape[1:]), text_spread=spread)
+
+    # ------------------------------------------------------------------------------------------------
+    def transformer(self):
+        from diffusers import FluxPipeline
+
+        a = self.args
+        data = torch.load(self.work / "latents.pt")
+        x0_all, prompt_ids, t5_all, pooled_all = data["x0"], data["prompt_ids"], data["t5"], data["pooled"]
+        n, c, h, w = x0_all.shape
+        torch.manual_seed(a.seed)
+        model = C.new_transformer(a.seed).train()
+        ema = C.new_transformer(a.seed).eval()
+        ema.load_state_dict(model.state_dict())
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        gen = torch.Generator().manual_seed(a.seed + 1)
+        # Exactly the ids FluxPipeline builds: (0, row, col) per packed latent, zeros for the text.
+        img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, h // 2, w // 2, torch.device("cpu"), torch.float32)
+        txt_ids = torch.zeros(t5_all.shape[1], 3)
+        shift = C.SCHEDULER_CONFIG["shift"]
+        t0, history, order, cursor = time.time(), [], torch.randperm(n, generator=gen), 0
+        for step in range(a.steps):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, a.steps, a.lr, warmup=100)
+            if cursor + a.batch > n:  # reshuffle each epoch, from the seeded generator
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor:cursor + a.batch]
+            cursor += a.batch
+            x0 = FluxPipeline._pack_latents(x0_all[idx], a.batch, c, h, w)
+            noise = torch.randn(x0.shape, generator=gen)
+            # sigma through the scheduler's own shift (FlowMatchEulerDiscreteScheduler, static shift).
+            u = torch.rand(a.batch, generator=gen)
+            sigma = shift * u / (1 + (shift - 1) * u)
+            s = sigma[:, None, None]
+            xt = (1 - s) * x0 + s * noise
+            pred = model(hidden_states=xt, timestep=sigma, guidance=None, pooled_projections=pooled_all[prompt_ids[idx]],
+                         encoder_hidden_states=t5_all[prompt_ids[idx]], txt_ids=txt_ids, img_ids=img_ids,
+                         return_dict=False)[0]
+            loss = (pred - (noise - x0)).pow(2).mean()  # the velocity the Euler scheduler integrates
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            decay = min(a.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+            history.append(float(loss))
+            if (step + 1) % 50 == 0 or step + 1 == a.steps:
+                log(f"transformer step {step + 1}/{a.steps} loss {np.mean(history[-50:]):.4f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} ({time.time() - t0:.0f}s)")
+            if (step + 1) % 1000 == 0 and step + 1 < a.steps:
+                ema.save_pretrained(str(self.work / "transformer"))
+        seconds = time.time() - t0
+        ema.save_pretrained(str(self.work / "transformer"))
+        self.save_record("transformer", seconds=round(seconds, 1), steps=a.steps, batch=a.batch, lr=a.lr,
+                         ema=a.ema, final_loss=float(np.mean(history[-200:])),
+                         params=sum(p.numel() for p in ema.parameters()))
+        log(f"transformer done in {seconds:.0f}s, final loss {np.mean(history[-200:]):.4f}")
+
+    # ------------------------------------------------------------------------------------------------
+    def assemble(self):
+        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+        out = Path(self.args.out)
+        if out.exists():
+            shutil.rmtree(out)
+        text = self.text_pipeline()
+        pipe = FluxPipeline(scheduler=C.new_scheduler(), text_encoder=text.text_encoder, tokenizer=text.tokenizer,
+                            text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2,
+                            vae=AutoencoderKL.from_pretrained(str(self.work / "vae")),
+                            transformer=FluxTransformer2DModel.from_pretrained(str(self.work / "transformer")))
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        C.prefix_clip_weights(out / "text_encoder")
+        # The folder is self-describing: tokenizers as built (save_pretrained may rewrite them).
+        for name in ("tokenizer", "tokenizer_2"):
+            shutil.rmtree(out / name)
+            shutil.copytree(self.work / "components" / name, out / name)
+        self.write_model_card(out)
+
+        # It must load and run as a plain diffusers folder.
+        reloaded = FluxPipeline.from_pretrained(str(out))
+        d = dataset.DEFAULTS
+        image = reloaded(dataset.eval_pairs()[0]["prompt"], height=d["height"], width=d["width"],
+                         num_inference_steps=d["num_inference_steps"], max_sequence_length=d["max_sequence_length"],
+                         generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        image.save(self.work / "assemble_check.png")
+        log(f"assembled {out} ({C.folder_size_mb(out):.2f} MB); FluxPipeline.from_pretrained ran it")
+
+    def write_model_card(self, out: Path) -> None:
+        r, d = self.record, dataset.DEFAULTS
+        sizes = {p.parent.name: round(p.stat().st_size / 2**20, 2) for p in sorted(out.rglob("*.safetensors"))}
+        card = f"""# denoised default model
+
+A tiny FLUX-architecture text-to-image model (diffusers `FluxPipeline` layout) trained by
+`server/train/train_default.py` on the procedural shapes dataset of `server/train/dataset.json`
+("a red circle at the top left on a blue background"). Schnell-style: no guidance embedding, no CFG.
+
+| setting | value |
+|---|---|
+| size | {d['width']}x{d['height']} (multiples of 8 work) |
+| steps | {d['num_inference_steps']} |
+| max_sequence_length (T5) | {d['max_sequence_length']} (also `tokenizer_2` model_max_length) |
+| scheduler | FlowMatchEulerDiscreteScheduler, shift {C.SCHEDULER_CONFIG['shift']}, no dynamic shifting |
+| VAE | shift_factor {r['latents']['shift_factor']:.6f}, scaling_factor {r['latents']['scaling_factor']:.6f}, held-out PSNR {r['vae']['psnr_pooled']:.2f} dB |
+| weights (MB, fp32) | {json.dumps(sizes)} |
+
+```python
+from diffusers import FluxPipeline
+pipe = FluxPipeline.from_pretrained("models/default")
+image = pipe("a red circle at the top left on a blue background", height={d['height']}, width={d['width']},
+             num_inference_steps={d['num_inference_steps']}, max_sequence_length={d['max_sequence_length']}).images[0]
+```
+
+Check: `python server/train/evaluate.py --model models/default --pairs 50`.
+"""
+        (out / "README.md").write_text(card)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="out/train_default", help="intermediate outputs")
+    p.add_argument("--out", default="models/default", help="the diffusers folder to write")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--latent-images", type=int, default=16128)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    run = Run(args)
+    for phase in args.phases.split(","):
+        if phase not in PHASES:
+            raise SystemExit(f"unknown phase {phase!r}; phases: {PHASES}")
+        log(f"phase {phase}")
+        getattr(run, phase)()
+
+
+if __name__ == "__main__":
+    main()

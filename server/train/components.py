@@ -32,7 +32,9 @@ T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, feed_
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
                   latent_channels=4, norm_num_groups=8, sample_size=dataset.IMAGE_SIZE, use_quant_conv=False,
-                  use_post_quant_conv=False, mid_block_add_attention=True)
+                  use_post_quant_conv=False,
+                  # no mid-block attention: the VAE trains on crops, and the data needs no global context
+                  mid_block_add_attention=False)
 TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=4 * VAE_CONFIG["latent_channels"], num_layers=2,
                           num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
                           joint_attention_dim=T5_CONFIG["d_model"], pooled_projection_dim=CLIP_CONFIG["hidden_size"],

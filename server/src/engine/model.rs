@@ -4,7 +4,7 @@ use tch::{Device, Kind};
 
 use super::device::{device_name, dtype_name};
 use crate::cache;
-use crate::cache::hooks::StepStats;
+use crate::cache::hooks::{BlockKind, ModuleCounts, StepStats};
 use crate::config::ModelEntry;
 use crate::models::Result;
 use crate::pipeline::flux::FluxPipeline;
@@ -18,8 +18,6 @@ pub struct LoadedModel {
     pub pipeline: FluxPipeline,
     pub max_sequence_length: usize,
     pub latent_rgb: LatentRgb,
-    /// Hidden width of the transformer, for compute estimates.
-    hidden_dim: f64,
 }
 
 impl LoadedModel {
@@ -66,34 +64,37 @@ impl LoadedModel {
                 .max_sequence_length
                 .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
             latent_rgb: LatentRgb::for_channels(spec.latent_channels),
-            hidden_dim: spec.hidden_dim as f64,
             pipeline,
         })
     }
 
-    /// Estimated transformer FLOPs of one step (all its forwards) and the part the cache saved.
-    ///
-    /// Per block over `L` tokens of width `D` (dual- and single-stream blocks cost the same to
-    /// first order): projections and MLP ≈ 12·L·D² multiply-adds, attention scores and mixing
-    /// ≈ 2·L²·D; the attention module alone (q/k/v/out projections and attention) ≈ 4·L·D² + 2·L²·D.
+    /// Estimated transformer FLOPs (2 per multiply-add) of one step (all its forwards) and the
+    /// part the cache saved: skipped forwards save every block, skipped blocks their own cost, and reused or
+    /// predicted attention the attention module's cost. Dual- and single-stream blocks cost the
+    /// same to first order, so skipped blocks are costed as the average block.
     pub fn step_flops(
         &self,
         image_tokens: usize,
         text_tokens: usize,
         stats: &StepStats,
     ) -> (f64, f64) {
-        let (l, d) = ((image_tokens + text_tokens) as f64, self.hidden_dim);
-        let block = 2.0 * (12.0 * l * d * d + 2.0 * l * l * d);
-        let attention = 2.0 * (4.0 * l * d * d + 2.0 * l * l * d);
-        let blocks_per_forward = self.info.num_blocks as f64;
-        let forwards = stats.forwards.total() as f64;
-        let total = forwards * blocks_per_forward * block;
-        let skipped_forwards = (stats.forwards.total() - stats.forwards.computed) as f64;
-        let skipped_blocks = (stats.blocks.total() - stats.blocks.computed) as f64;
-        let skipped_attention = (stats.attention.total() - stats.attention.computed) as f64;
-        let saved = skipped_forwards * blocks_per_forward * block
-            + skipped_blocks * block
-            + skipped_attention * attention;
+        let t = self.pipeline.transformer();
+        let (l_img, l_txt) = (image_tokens as i64, text_tokens as i64);
+        let spec_blocks = [
+            (BlockKind::Dual, t.config().num_layers),
+            (BlockKind::Single, t.config().num_single_layers),
+        ];
+        let per_forward: f64 = 2.0
+            * spec_blocks
+                .iter()
+                .map(|&(kind, n)| n as f64 * t.block_flops(kind, l_img, l_txt))
+                .sum::<f64>();
+        let average_block = per_forward / t.num_blocks().max(1) as f64;
+        let not_computed = |c: &ModuleCounts| (c.total() - c.computed) as f64;
+        let total = stats.forwards.total() as f64 * per_forward;
+        let saved = not_computed(&stats.forwards) * per_forward
+            + not_computed(&stats.blocks) * average_block
+            + not_computed(&stats.attention) * 2.0 * t.attention_flops(l_img, l_txt);
         (total, saved.min(total))
     }
 }

@@ -464,6 +464,14 @@ impl FluxTransformer {
         l * per_token + attention + modulation
     }
 
+    /// Rough multiply-add count of one block's attention module alone (q/k/v and output
+    /// projections plus `QKᵀ` and `AV`): what an attention-level cache saves when it reuses it.
+    pub fn attention_flops(&self, l_img: i64, l_txt: i64) -> f64 {
+        let d = self.config.inner_dim() as f64;
+        let l = (l_img + l_txt) as f64;
+        4.0 * l * d * d + 2.0 * l * l * d
+    }
+
     /// One transformer evaluation (one CFG branch of one step), returning the velocity
     /// `[B, L_img, patch² · out_ch]`.
     ///

@@ -37,9 +37,17 @@ lint: setup
 fmt:
 	cargo fmt --all
 
-# Tiny random FLUX pipelines in diffusers layout + reference outputs from diffusers itself.
-parity-data: setup
-	$(PY) tests/parity/make_reference.py --out tests/parity/data
+# Tiny random FLUX pipelines in diffusers layout + reference outputs from diffusers itself
+# (pipelines, modules, caches). Rebuilt only when a script or the Python packages change.
+PARITY_DATA := tests/parity/data
+PARITY_STAMP := $(PARITY_DATA)/.stamp
+
+parity-data: $(PARITY_STAMP)
+
+$(PARITY_STAMP): $(STAMP) $(wildcard tests/parity/*.py)
+	$(PY) tests/parity/make_reference.py --out $(PARITY_DATA)
+	$(PY) tests/parity/make_cache_reference.py --data $(PARITY_DATA)
+	@touch $@
 
 test: setup lint parity-data
 	cargo test --workspace -- --test-threads=2

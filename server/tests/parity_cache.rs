@@ -224,25 +224,31 @@ struct Run {
     calibrated: Option<Vec<f32>>,
 }
 
-/// Runs a case's generation with `config`, switching / resetting the strategy before the steps
-/// the case names, as the engine does (a fresh strategy from that step on).
-fn generate(pipeline: &FluxPipeline, case: &Value, config: &CacheConfig) -> Run {
-    let switch = case.get("switch").filter(|s| !s.is_null());
-    let switch_step = switch.map(|s| s["step"].as_u64().unwrap() as usize);
-    let switch_config = switch.map(|s| cache_config(&s["cache"]));
-    let reset_step = case
-        .get("reset")
-        .and_then(Value::as_u64)
-        .map(|s| s as usize);
+/// Runs a case's generation: with its cache (switched / reset before the steps the case names, as
+/// the engine does: a fresh strategy from that step on), or with none at all.
+fn generate(pipeline: &FluxPipeline, case: &Value, cached: bool) -> Run {
+    let initial = if cached {
+        cache_config(&case["cache"])
+    } else {
+        CacheConfig::None
+    };
+    let mut changes: Vec<(usize, CacheConfig)> = Vec::new();
+    if cached {
+        if let Some(switch) = case.get("switch").filter(|s| !s.is_null()) {
+            changes.push((
+                switch["step"].as_u64().unwrap() as usize,
+                cache_config(&switch["cache"]),
+            ));
+        }
+        if let Some(step) = case.get("reset").and_then(Value::as_u64) {
+            changes.push((step as usize, initial.clone()));
+        }
+    }
     let mut gen = pipeline.prepare(&params(case)).unwrap();
-    let mut strategy: Box<dyn CacheStrategy> = build_strategy(config).unwrap();
+    let mut strategy: Box<dyn CacheStrategy> = build_strategy(&initial).unwrap();
     let mut decisions = Vec::new();
     while !gen.is_done() {
-        let index = gen.step_index();
-        if Some(index) == switch_step {
-            strategy = build_strategy(switch_config.as_ref().unwrap()).unwrap();
-        }
-        if Some(index) == reset_step {
+        if let Some((_, config)) = changes.iter().find(|(step, _)| *step == gen.step_index()) {
             strategy = build_strategy(config).unwrap();
         }
         let mut stats = StepStats::default();
@@ -276,9 +282,8 @@ fn check(prefixes: &[&str]) {
             FluxPipeline::load(&data_dir().join(model), Device::Cpu, Kind::Float)
                 .unwrap_or_else(|e| panic!("{model}: {e}"))
         });
-        let config = cache_config(&case["cache"]);
-        let run = generate(pipeline, &case, &config);
-        let uncached = generate(pipeline, &case, &CacheConfig::None);
+        let run = generate(pipeline, &case, true);
+        let uncached = generate(pipeline, &case, false);
         let path = data_dir()
             .join("cache")
             .join(case["output"].as_str().unwrap());
@@ -292,8 +297,8 @@ fn check(prefixes: &[&str]) {
         let change = max_abs_diff(&run.latents, &uncached.latents);
         let reference = case["reference"].as_str().unwrap_or("diffusers");
         println!(
-            "{name} ({reference}): max|Δ| vs reference = {diff:.3e}; cache changed the latents by {change:.3e} \
-             (reference: {:.3e})",
+            "{name} ({reference}): max|Δ| vs reference = {diff:.3e}; \
+             cache changed the latents by {change:.3e} (reference: {:.3e})",
             case["uncached_change"].as_f64().unwrap_or(f64::NAN)
         );
         if diff > TOLERANCE {
@@ -303,7 +308,8 @@ fn check(prefixes: &[&str]) {
             serde_json::from_value(case["decisions"].clone()).unwrap();
         if run.decisions != expected_decisions {
             failures.push(format!(
-                "{name}: [blocks, attention] computed per step {:?}, diffusers {expected_decisions:?}",
+                "{name}: [blocks, attention] computed per step {:?}, \
+                 diffusers {expected_decisions:?}",
                 run.decisions
             ));
         }

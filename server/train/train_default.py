@@ -196,6 +196,10 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------
     def transformer(self):
+        """Rectified-flow training. The learning rate is constant after warm-up (the EMA does the
+        averaging), so the run is a pure function of the step count: a checkpoint every
+        --checkpoint-every steps holds the whole state (weights, EMA, optimizer, generator, data
+        order), and a longer run resumes from it with exactly the result of running from scratch."""
         from diffusers import FluxPipeline
 
         a = self.args
@@ -210,14 +214,30 @@ class Run:
             p.requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
         gen = torch.Generator().manual_seed(a.seed + 1)
+        order, cursor, start, history, seconds_before = torch.randperm(n, generator=gen), 0, 0, [], 0.0
+
+        ckpt_dir = self.work / "transformer_checkpoints"
+        ckpt_dir.mkdir(exist_ok=True)
+        ckpts = sorted((int(p.stem.split("_")[1]), p) for p in ckpt_dir.glob("step_*.pt"))
+        ckpts = [(k, p) for k, p in ckpts if k <= a.steps]
+        if ckpts and not a.restart:
+            start, path = ckpts[-1]
+            state = torch.load(path, weights_only=False)
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            order, cursor, history, seconds_before = state["order"], state["cursor"], state["history"], state["seconds"]
+            log(f"resumed from {path} (step {start})")
+
         # Exactly the ids FluxPipeline builds: (0, row, col) per packed latent, zeros for the text.
         img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, h // 2, w // 2, torch.device("cpu"), torch.float32)
         txt_ids = torch.zeros(t5_all.shape[1], 3)
         shift = C.SCHEDULER_CONFIG["shift"]
-        t0, history, order, cursor = time.time(), [], torch.randperm(n, generator=gen), 0
-        for step in range(a.steps):
+        t0 = time.time()
+        for step in range(start, a.steps):
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, a.steps, a.lr, warmup=100)
+                g["lr"] = a.lr * min(1.0, (step + 1) / 100)
             if cursor + a.batch > n:  # reshuffle each epoch, from the seeded generator
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + a.batch]
@@ -229,10 +249,13 @@ class Run:
             sigma = shift * u / (1 + (shift - 1) * u)
             s = sigma[:, None, None]
             xt = (1 - s) * x0 + s * noise
-            pred = model(hidden_states=xt, timestep=sigma, guidance=None, pooled_projections=pooled_all[prompt_ids[idx]],
-                         encoder_hidden_states=t5_all[prompt_ids[idx]], txt_ids=txt_ids, img_ids=img_ids,
-                         return_dict=False)[0]
-            loss = (pred - (noise - x0)).pow(2).mean()  # the velocity the Euler scheduler integrates
+            # bf16 autocast: about twice as fast on this CPU; weights, optimizer and EMA stay fp32.
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = model(hidden_states=xt, timestep=sigma, guidance=None,
+                             pooled_projections=pooled_all[prompt_ids[idx]],
+                             encoder_hidden_states=t5_all[prompt_ids[idx]], txt_ids=txt_ids, img_ids=img_ids,
+                             return_dict=False)[0]
+            loss = (pred.float() - (noise - x0)).pow(2).mean()  # the velocity the Euler scheduler integrates
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,18 +264,20 @@ class Run:
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - decay)
-            history.append(float(loss))
+            history.append(loss.item())
             if (step + 1) % 50 == 0 or step + 1 == a.steps:
                 log(f"transformer step {step + 1}/{a.steps} loss {np.mean(history[-50:]):.4f} "
                     f"lr {opt.param_groups[0]['lr']:.2e} ({time.time() - t0:.0f}s)")
-            if (step + 1) % 1000 == 0 and step + 1 < a.steps:
-                ema.save_pretrained(str(self.work / "transformer"))
-        seconds = time.time() - t0
+            if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
+                torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                            "gen": gen.get_state(), "order": order, "cursor": cursor, "history": history,
+                            "seconds": seconds_before + time.time() - t0}, ckpt_dir / f"step_{step + 1:06d}.pt")
+        seconds = seconds_before + time.time() - t0
         ema.save_pretrained(str(self.work / "transformer"))
+        final = float(np.mean(history[-200:]))
         self.save_record("transformer", seconds=round(seconds, 1), steps=a.steps, batch=a.batch, lr=a.lr,
-                         ema=a.ema, final_loss=float(np.mean(history[-200:])),
-                         params=sum(p.numel() for p in ema.parameters()))
-        log(f"transformer done in {seconds:.0f}s, final loss {np.mean(history[-200:]):.4f}")
+                         ema=a.ema, final_loss=final, params=sum(p.numel() for p in ema.parameters()))
+        log(f"transformer done: {a.steps} steps, {seconds:.0f}s of training in all, final loss {final:.4f}")
 
     # ------------------------------------------------------------------------------------------------
     def assemble(self):
@@ -276,6 +301,7 @@ class Run:
 
         # It must load and run as a plain diffusers folder.
         reloaded = FluxPipeline.from_pretrained(str(out))
+        reloaded.set_progress_bar_config(disable=True)
         d = dataset.DEFAULTS
         image = reloaded(dataset.eval_pairs()[0]["prompt"], height=d["height"], width=d["width"],
                          num_inference_steps=d["num_inference_steps"], max_sequence_length=d["max_sequence_length"],
@@ -285,6 +311,7 @@ class Run:
 
     def write_model_card(self, out: Path) -> None:
         r, d = self.record, dataset.DEFAULTS
+        psnr = r.get("vae", {}).get("psnr_pooled", float("nan"))
         sizes = {p.parent.name: round(p.stat().st_size / 2**20, 2) for p in sorted(out.rglob("*.safetensors"))}
         card = f"""# denoised default model
 
@@ -298,7 +325,7 @@ A tiny FLUX-architecture text-to-image model (diffusers `FluxPipeline` layout) t
 | steps | {d['num_inference_steps']} |
 | max_sequence_length (T5) | {d['max_sequence_length']} (also `tokenizer_2` model_max_length) |
 | scheduler | FlowMatchEulerDiscreteScheduler, shift {C.SCHEDULER_CONFIG['shift']}, no dynamic shifting |
-| VAE | shift_factor {r['latents']['shift_factor']:.6f}, scaling_factor {r['latents']['scaling_factor']:.6f}, held-out PSNR {r['vae']['psnr_pooled']:.2f} dB |
+| VAE | shift_factor {r['latents']['shift_factor']:.6f}, scaling_factor {r['latents']['scaling_factor']:.6f}, held-out PSNR {psnr:.2f} dB |
 | weights (MB, fp32) | {json.dumps(sizes)} |
 
 ```python
@@ -325,11 +352,13 @@ def main():
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--latent-images", type=int, default=16128)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--latent-images", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--restart", action="store_true", help="ignore transformer checkpoints in --work")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ import io
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -267,11 +268,10 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def setup_uncond_reuse(pipe: FluxPipeline, spec: dict, case: dict, counter: Counter):
-    """FasterCache with FLUX's sequential true CFG, following the server's semantics (module doc)."""
+def setup_uncond_reuse(pipe: FluxPipeline, twin, spec: dict, case: dict):
+    """FasterCache with FLUX's sequential true CFG, following the server's semantics (module doc);
+    `twin` (uncached) runs the uncond forwards that are not rebuilt."""
     transformer = pipe.transformer
-    twin = copy.deepcopy(transformer)
-    counter.watch(twin)
     state = {"steps": 0, "reuse": False, "cond": None, "deltas": None, "attention_t": None}
     transformer.enable_cache(diffusers_config(dict(spec, is_guidance_distilled=True), pipe,
                                               attention_timestep=lambda: state["attention_t"]))
@@ -316,21 +316,23 @@ def setup_uncond_reuse(pipe: FluxPipeline, spec: dict, case: dict, counter: Coun
 
 
 def run_case(pipe: FluxPipeline, case: dict) -> tuple[torch.Tensor, dict]:
-    transformer = copy.deepcopy(pipe.transformer)  # hooks and routing stay on this copy
+    # Hooks and routing go on copies; `twin` runs the uncond forwards of the non-diffusers references.
+    reference = case.get("reference", "diffusers")
+    transformer = copy.deepcopy(pipe.transformer)
+    twin = copy.deepcopy(pipe.transformer) if reference != "diffusers" else None
     pipe = FluxPipeline(**{**pipe.components, "transformer": transformer})
     pipe.set_progress_bar_config(disable=True)
     counter = Counter()
-    counter.watch(transformer)
+    for t in (transformer, twin):
+        if t is not None:
+            counter.watch(t)
     spec = case["cache"]
-    reference = case.get("reference", "diffusers")
     if reference == "per_branch":
-        twin = copy.deepcopy(transformer)
         twin.enable_cache(diffusers_config(spec, pipe))
-        counter.watch(twin)
         transformer.enable_cache(diffusers_config(spec, pipe))
         route_uncond(transformer, twin)
     elif reference == "uncond_reuse":
-        setup_uncond_reuse(pipe, spec, case, counter)
+        setup_uncond_reuse(pipe, twin, spec, case)
     else:
         transformer.enable_cache(diffusers_config(spec, pipe))
 
@@ -389,6 +391,7 @@ def main():
     if not args.only:
         out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    warnings.simplefilter("ignore", (FutureWarning, UserWarning))
     # Quiet: the tiny prompts get truncated on purpose.
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -406,8 +409,8 @@ def main():
         latents, extra = run_case(pipes[model], case)
         uncached = run_uncached(pipes[model], case)
         change = (latents - uncached).abs().max().item()
-        computed = [d[0] for d in extra["decisions"]]
-        print(f"{case['name']}: cache changed the latents by {change:.3e}; blocks computed per step {computed}")
+        print(f"{case['name']}: cache changed the latents by {change:.3e}; "
+              f"[blocks, attention] computed per step {extra['decisions']}")
         if change < 1e-3 and not case["cache"].get("calibrate"):
             raise RuntimeError(f"{case['name']}: the cache does not change the output; pick another config")
         if args.only:

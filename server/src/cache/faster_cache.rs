@@ -5,7 +5,8 @@
 //! - **Attention extrapolation.** Every attention module keeps its last two outputs `[older,
 //!   newer]` (approximations included) and counts its calls. Inside the (strict) timestep range a
 //!   call computes only when its index is positive and a multiple of `N`; otherwise it returns
-//!   `newer + (newer - older) * w`, with `w` from [`AttentionWeight`](super::config::AttentionWeight) at the current step.
+//!   `newer + (newer - older) * w`, `w` being the config's
+//!   [`AttentionWeight`](super::config::AttentionWeight) at the current step.
 //! - **Unconditional-branch reuse ("CFG-Cache").** diffusers skips the unconditional half of a
 //!   *batched* CFG forward. FLUX runs the conditional forward and then the unconditional one, so
 //!   here the unconditional forward itself is skipped (`before_forward`, branch `Uncond`) at step
@@ -39,6 +40,7 @@ use tch::{Kind, Tensor};
 use super::config::{FasterCacheConfig, TimestepRange};
 use super::hooks::{AttnOutput, BlockId, Branch, Decision, ForwardContext, TransformerHooks};
 use super::{bytes_of, CacheStrategy, PerBranch};
+use crate::models::flux::packing::{pack, unpack};
 
 /// FasterCache's per-generation state and decision rules.
 #[derive(Debug)]
@@ -125,24 +127,6 @@ fn extrapolate(older: &AttnOutput, newer: &AttnOutput, w: f64) -> AttnOutput {
         },
         AttnOutput::Single(t) => AttnOutput::Single(step(old[0], t)),
     }
-}
-
-/// `[B, (h/2)(w/2), C*4]` -> `[B, C, h, w]`, as diffusers' `FluxPipeline._unpack_latents`.
-fn unpack(x: &Tensor, h: i64, w: i64) -> Tensor {
-    let size = x.size();
-    let (b, c4) = (size[0], size[2]);
-    x.view([b, h / 2, w / 2, c4 / 4, 2, 2])
-        .permute([0, 3, 1, 4, 2, 5])
-        .reshape([b, c4 / 4, h, w])
-}
-
-/// `[B, C, h, w]` -> `[B, (h/2)(w/2), C*4]`, as diffusers' `FluxPipeline._pack_latents`.
-fn pack(x: &Tensor) -> Tensor {
-    let size = x.size();
-    let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
-    x.view([b, c, h / 2, 2, w / 2, 2])
-        .permute([0, 2, 4, 1, 3, 5])
-        .reshape([b, (h / 2) * (w / 2), c * 4])
 }
 
 const SPATIAL_DIMS: [i64; 2] = [-2, -1];

@@ -27,11 +27,12 @@ pub struct ForwardContext {
     /// Scheduler timestep on the 0..1000 scale (`sigma * 1000` for flow matching).
     pub timestep: f64,
     pub branch: Branch,
-    /// Height of the unpacked latent (image height / VAE scale factor, as FLUX rounds it:
-    /// `2 * (height / 16)`). The forward's input and output are packed `[B, (h/2)(w/2), C*4]`;
-    /// FasterCache unpacks them to `[B, C, h, w]` for its frequency split.
+    /// Height `h` of the unpacked latent, as FluxPipeline rounds it:
+    /// `2 * (height / (2 * vae_scale_factor))` (`2 * (height / 16)` for FLUX.1). The forward's
+    /// input and output are packed `[B, (h/2)(w/2), C*4]`; FasterCache unpacks them to
+    /// `[B, C, h, w]` for its frequency split.
     pub latent_height: usize,
-    /// Width of the unpacked latent (`2 * (width / 16)`).
+    /// Width `w` of the unpacked latent, rounded like `latent_height`.
     pub latent_width: usize,
 }
 

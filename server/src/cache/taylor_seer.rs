@@ -9,22 +9,25 @@
 //! since the last refresh, accumulated in the output dtype.
 //!
 //! Hooked modules are matched by name (`fullmatch`) against the config's regexes: "active" ones
-//! (`cache_identifiers`, default every `transformer_blocks.i.attn` / `single_transformer_blocks.j.attn`)
-//! are predicted; "inactive" ones (`skip_predict_identifiers`, winning over active) return zeros of
-//! their last shape on predicted calls. The names on offer are diffusers' module paths of what the
-//! transformer lets us intercept: blocks (`transformer_blocks.3`), their attention
-//! (`transformer_blocks.3.attn`) and the output projection (`proj_out`).
+//! (`cache_identifiers`; default: every `transformer_blocks.i.attn` and
+//! `single_transformer_blocks.j.attn`) are predicted; "inactive" ones (`skip_predict_identifiers`,
+//! winning over active) return zeros of their last shape on predicted calls. The names on offer
+//! are diffusers' module paths of what the transformer lets us intercept: blocks
+//! (`transformer_blocks.3`), their attention (`transformer_blocks.3.attn`) and the output
+//! projection (`proj_out`).
 //!
-//! **Lite mode** predicts the output projection and skips the blocks. diffusers implements it as
+//! **Lite mode** predicts the model output and skips the blocks. diffusers implements it as
 //! "`proj_out` active, every block inactive": on predicted steps each block returns zeros,
 //! `norm_out` normalises those zeros, and `proj_out` ignores that meaningless input and returns
-//! its prediction. We checked diffusers 0.42.1 on a tiny FLUX transformer: the predicted output is
-//! exactly the Taylor extrapolation, the zeros never reach it (the "pure noise" FLUX report in the
-//! TaylorSeer pull-request thread was made against a pre-merge revision with other module
-//! patterns). We do the same prediction without manufacturing garbage: on predicted steps every
-//! block is skipped with its input passed through unchanged (no zero tensors, nothing recorded
-//! for blocks) and the output projection returns the prediction, so the output matches
-//! diffusers' lite mode while the blocks' stand-in values are never fabricated.
+//! its prediction. So the output is still the Taylor extrapolation of past outputs: checked on a
+//! tiny diffusers 0.42.1 FLUX transformer (predicted output == extrapolation, exactly) and by the
+//! parity test, which matches diffusers' lite mode while feeding it different block values. (The
+//! "pure noise on FLUX" comment in the TaylorSeer pull request predates the merged code and used
+//! another pattern API.) We make the same prediction without manufacturing garbage: on predicted
+//! steps every block is skipped with its input passed through (no zero tensors, no block state),
+//! and the output projection hook, which covers `norm_out` and `proj_out` in our transformer,
+//! returns the prediction, so nothing runs on meaningless inputs. As in diffusers, lite mode
+//! ignores the identifier lists.
 //!
 //! Divergences from diffusers: a call that would predict before any refresh (e.g.
 //! `disable_cache_before_step = 0`) computes instead of failing. State is per CFG branch, as
@@ -560,7 +563,7 @@ mod tests {
                 &mut StepStats::default(),
             );
         }
-        // Dual attention: 2 outputs ([1,64,8] + [1,3,8]), single: 1 output [1,67,8]; 2 orders, bf16.
+        // Dual attention: outputs [1,64,8] + [1,3,8]; single: [1,67,8]; 2 orders each, bf16.
         assert_eq!(ts.state_bytes(), 2 * ((64 + 3) * 8 + 67 * 8) * 2);
         let id = dual(0, 2);
         assert_eq!(

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cache::hooks::{Branch, ForwardContext, StepStats, TransformerHooks};
 use crate::models::clip::ClipTextModel;
+use crate::models::flux::packing::{pack, unpack};
 use crate::models::flux::transformer::FluxTransformer;
 use crate::models::scheduler::FlowMatchEulerDiscreteScheduler;
 use crate::models::t5::T5EncoderModel;
@@ -204,24 +205,6 @@ impl std::ops::Deref for PackedLatents<'_> {
     fn deref(&self) -> &Tensor {
         self.tensor
     }
-}
-
-/// diffusers `_unpack_latents`: `[B, (h/2)·(w/2), 4·C]` -> `[B, C, h, w]`.
-fn unpack(packed: &Tensor, h: i64, w: i64) -> Tensor {
-    let (b, _, channels) = packed.size3().expect("packed latents are [B, L, 4C]");
-    packed
-        .view([b, h / 2, w / 2, channels / 4, 2, 2])
-        .permute([0, 3, 1, 4, 2, 5])
-        .reshape([b, channels / 4, h, w])
-}
-
-/// diffusers `_pack_latents`: `[B, C, h, w]` -> `[B, (h/2)·(w/2), 4·C]` (2×2 patches).
-fn pack(latents: &Tensor) -> Tensor {
-    let (b, c, h, w) = latents.size4().expect("latents are [B, C, h, w]");
-    latents
-        .view([b, c, h / 2, 2, w / 2, 2])
-        .permute([0, 2, 4, 1, 3, 5])
-        .reshape([b, (h / 2) * (w / 2), c * 4])
 }
 
 /// diffusers `_prepare_latent_image_ids`: `[(h)·(w), 3]` rows `(0, row, column)` for a `h × w`

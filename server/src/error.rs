@@ -16,8 +16,6 @@ pub enum ServiceError {
     ResourceExhausted(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{0}")]
-    Unimplemented(String),
     #[error("generation cancelled")]
     Cancelled,
     #[error("the inference engine has stopped")]
@@ -42,7 +40,6 @@ impl ServiceError {
             Self::SessionNotFound(_) | Self::ModelNotFound(_) => Code::NotFound,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Unimplemented(_) => Code::Unimplemented,
             Self::Cancelled => Code::Cancelled,
             Self::EngineStopped => Code::Unavailable,
             // Input the model rejects (e.g. a prompt the tokenizer cannot take) is the caller's.

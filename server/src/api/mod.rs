@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cache::{self, CacheConfig};
+use crate::cache::CacheConfig;
 use crate::config::Limits;
 use crate::engine::{EngineHandle, Job};
 use crate::error::{ServiceError, ServiceResult};
@@ -40,16 +40,6 @@ impl DenoiserService {
             limits,
             max_sequence_lengths,
         }
-    }
-
-    fn cache_config(
-        &self,
-        config: Option<&pb::CacheConfig>,
-        field: &str,
-    ) -> ServiceResult<CacheConfig> {
-        let config = CacheConfig::from_proto(config, field)?;
-        cache::ensure_supported(&config)?;
-        Ok(config)
     }
 
     fn session_id<'a>(&self, id: &'a str) -> ServiceResult<&'a str> {
@@ -98,7 +88,7 @@ impl DenoiserService {
             Some(s) => s,
             None => self.sessions.create(NewSession {
                 model: model.name.clone(),
-                cache: self.cache_config(req.cache.as_ref(), "cache")?,
+                cache: CacheConfig::from_proto(req.cache.as_ref(), "cache")?,
                 idle_timeout: None,
                 labels: HashMap::from([("ephemeral".to_owned(), "true".to_owned())]),
                 ephemeral: true,
@@ -184,7 +174,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 return Err(ServiceError::invalid("model", "required"));
             }
             self.engine.model(&req.model)?;
-            let cache = self.cache_config(req.cache.as_ref(), "cache")?;
+            let cache = CacheConfig::from_proto(req.cache.as_ref(), "cache")?;
             let idle_timeout = (req.idle_timeout_seconds > 0)
                 .then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
             let session = self.sessions.create(NewSession {
@@ -261,7 +251,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         let req = req.into_inner();
         respond((|| {
             let session = self.sessions.get(self.session_id(&req.session_id)?)?;
-            let config = self.cache_config(req.cache.as_ref(), "cache")?;
+            let config = CacheConfig::from_proto(req.cache.as_ref(), "cache")?;
             tracing::info!(
                 strategy = config.kind().as_str_name(),
                 running = session.is_generating(),

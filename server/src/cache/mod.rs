@@ -33,7 +33,7 @@ pub use mag_cache::MagCache;
 pub use pab::PyramidAttentionBroadcast;
 pub use taylor_seer::TaylorSeer;
 
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::ServiceResult;
 
 /// A cache strategy instance: the hooks plus what the server reports about it.
 pub trait CacheStrategy: TransformerHooks + Send {
@@ -61,7 +61,7 @@ impl CacheStrategy for NoCache {
     }
 }
 
-/// Strategies this build can run.
+/// Strategies this build can run (every strategy of the API).
 pub fn supported_kinds() -> Vec<pb::CacheKind> {
     vec![
         pb::CacheKind::None,
@@ -73,21 +73,8 @@ pub fn supported_kinds() -> Vec<pb::CacheKind> {
     ]
 }
 
-/// Checks that a validated config can run here (before a session accepts it).
-pub fn ensure_supported(config: &CacheConfig) -> ServiceResult<()> {
-    if supported_kinds().contains(&config.kind()) {
-        Ok(())
-    } else {
-        Err(ServiceError::Unimplemented(format!(
-            "cache strategy {} is not available in this build",
-            config.kind().as_str_name()
-        )))
-    }
-}
-
 /// A fresh strategy (empty state) for one generation.
 pub fn build_strategy(config: &CacheConfig) -> ServiceResult<Box<dyn CacheStrategy>> {
-    ensure_supported(config)?;
     Ok(match config {
         CacheConfig::None => Box::new(NoCache),
         CacheConfig::PyramidAttentionBroadcast(c) => {

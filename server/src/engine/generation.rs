@@ -220,7 +220,11 @@ impl Running {
         let p = &self.job.params;
         let image_tokens = (p.width / model.info.size_multiple as usize)
             * (p.height / model.info.size_multiple as usize);
-        let (flops, saved) = model.step_flops(image_tokens, p.max_sequence_length, &stats);
+        let (flops, saved) =
+            model
+                .pipeline
+                .transformer()
+                .step_flops(image_tokens, p.max_sequence_length, &stats);
         let t = &mut self.totals;
         t.flops_total += flops;
         t.flops_saved += saved;

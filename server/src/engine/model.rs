@@ -4,7 +4,6 @@ use tch::{Device, Kind};
 
 use super::device::{device_name, dtype_name};
 use crate::cache;
-use crate::cache::hooks::{BlockKind, ModuleCounts, StepStats};
 use crate::config::ModelEntry;
 use crate::models::Result;
 use crate::pipeline::flux::FluxPipeline;
@@ -66,35 +65,5 @@ impl LoadedModel {
             latent_rgb: LatentRgb::for_channels(spec.latent_channels),
             pipeline,
         })
-    }
-
-    /// Estimated transformer FLOPs (2 per multiply-add) of one step (all its forwards) and the
-    /// part the cache saved: skipped forwards save every block, skipped blocks their own cost, and reused or
-    /// predicted attention the attention module's cost. Dual- and single-stream blocks cost the
-    /// same to first order, so skipped blocks are costed as the average block.
-    pub fn step_flops(
-        &self,
-        image_tokens: usize,
-        text_tokens: usize,
-        stats: &StepStats,
-    ) -> (f64, f64) {
-        let t = self.pipeline.transformer();
-        let (l_img, l_txt) = (image_tokens as i64, text_tokens as i64);
-        let spec_blocks = [
-            (BlockKind::Dual, t.config().num_layers),
-            (BlockKind::Single, t.config().num_single_layers),
-        ];
-        let per_forward: f64 = 2.0
-            * spec_blocks
-                .iter()
-                .map(|&(kind, n)| n as f64 * t.block_flops(kind, l_img, l_txt))
-                .sum::<f64>();
-        let average_block = per_forward / t.num_blocks().max(1) as f64;
-        let not_computed = |c: &ModuleCounts| (c.total() - c.computed) as f64;
-        let total = stats.forwards.total() as f64 * per_forward;
-        let saved = not_computed(&stats.forwards) * per_forward
-            + not_computed(&stats.blocks) * average_block
-            + not_computed(&stats.attention) * 2.0 * t.attention_flops(l_img, l_txt);
-        (total, saved.min(total))
     }
 }

@@ -52,5 +52,14 @@ $(PARITY_STAMP): $(STAMP) $(wildcard tests/parity/*.py)
 test: setup lint parity-data
 	cargo test --workspace -- --test-threads=2
 
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+DEFAULT_MODEL := models/default
+
+# The shipped model, served and queried with every cache strategy; results in out/.
+demo: setup
+	cargo build --release -p denoised-server -p denoised-client
+	$(PY) scripts/demo.py --server-bin $(TARGET_DIR)/release/denoised \
+		--cli-bin $(TARGET_DIR)/release/denoised-cli --model-dir $(DEFAULT_MODEL) --out out
+
 clean-venv:
 	rm -rf $(VENV)

@@ -63,23 +63,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|_| EngineStartError::Died)??;
     let sessions = SessionStore::new(config.limits.clone());
     sessions.spawn_evictor();
-    let max_sequence_lengths = engine
-        .models()
-        .iter()
-        .map(|m| {
-            let entry = config.models.iter().find(|e| e.name == m.name);
-            (
-                m.name.clone(),
-                entry.and_then(|e| e.max_sequence_length).unwrap_or(512),
-            )
-        })
-        .collect();
-    let service = DenoiserService::new(
-        engine,
-        Arc::clone(&sessions),
-        config.limits.clone(),
-        max_sequence_lengths,
-    );
+    let service = DenoiserService::new(engine, Arc::clone(&sessions), config.limits.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -23,22 +23,14 @@ pub struct DenoiserService {
     engine: EngineHandle,
     sessions: Arc<SessionStore>,
     limits: Limits,
-    /// T5 token budget per model name.
-    max_sequence_lengths: HashMap<String, usize>,
 }
 
 impl DenoiserService {
-    pub fn new(
-        engine: EngineHandle,
-        sessions: Arc<SessionStore>,
-        limits: Limits,
-        max_sequence_lengths: HashMap<String, usize>,
-    ) -> Self {
+    pub fn new(engine: EngineHandle, sessions: Arc<SessionStore>, limits: Limits) -> Self {
         Self {
             engine,
             sessions,
             limits,
-            max_sequence_lengths,
         }
     }
 
@@ -53,7 +45,7 @@ impl DenoiserService {
     fn generate_stream(&self, req: pb::GenerateRequest) -> ServiceResult<GenerateStream> {
         let received = Instant::now();
         // Either an open session, or an ephemeral one from the inline model + cache.
-        let (session, model) = if !req.session_id.is_empty() {
+        let (session, served) = if !req.session_id.is_empty() {
             let session = self.sessions.get(&req.session_id)?;
             if !req.model.is_empty() && req.model != session.model {
                 return Err(ServiceError::invalid(
@@ -67,8 +59,8 @@ impl DenoiserService {
                     "a session's cache is set with CreateSession or SetCacheStrategy",
                 ));
             }
-            let model = self.engine.model(&session.model)?;
-            (Some(session), model)
+            let served = self.engine.model(&session.model)?;
+            (Some(session), served)
         } else {
             if req.model.is_empty() {
                 return Err(ServiceError::invalid(
@@ -78,12 +70,13 @@ impl DenoiserService {
             }
             (None, self.engine.model(&req.model)?)
         };
-        let max_sequence_length = self
-            .max_sequence_lengths
-            .get(&model.name)
-            .copied()
-            .unwrap_or(512);
-        let resolved = validate::resolve_generate(&req, model, max_sequence_length, &self.limits)?;
+        let resolved = validate::resolve_generate(
+            &req,
+            &served.info,
+            served.max_sequence_length,
+            &self.limits,
+        )?;
+        let model = &served.info;
         let session = match session {
             Some(s) => s,
             None => self.sessions.create(NewSession {
@@ -158,7 +151,12 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         respond(Ok(pb::ListModelsResponse {
-            models: self.engine.models().to_vec(),
+            models: self
+                .engine
+                .models()
+                .iter()
+                .map(|m| m.info.clone())
+                .collect(),
         }))
     }
 

@@ -54,11 +54,19 @@ pub enum EngineStartError {
     Died,
 }
 
+/// What the async side knows of a loaded model.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub info: pb::ModelInfo,
+    /// T5 token budget of its prompts.
+    pub max_sequence_length: usize,
+}
+
 /// The async side's handle on the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: mpsc::Sender<Job>,
-    models: Arc<Vec<pb::ModelInfo>>,
+    models: Arc<Vec<ServedModel>>,
     active: Arc<AtomicUsize>,
     max_active: usize,
     stream_buffer: usize,
@@ -101,8 +109,14 @@ impl EngineHandle {
                         }
                     }
                 }
-                let infos = models.iter().map(|m| m.info.clone()).collect();
-                if ready_tx.send(Ok(infos)).is_err() {
+                let served = models
+                    .iter()
+                    .map(|m| ServedModel {
+                        info: m.info.clone(),
+                        max_sequence_length: m.max_sequence_length,
+                    })
+                    .collect();
+                if ready_tx.send(Ok(served)).is_err() {
                     return;
                 }
                 Engine {
@@ -114,24 +128,24 @@ impl EngineHandle {
                 .run();
             })
             .map_err(|_| EngineStartError::Died)?;
-        let infos = ready_rx.recv().map_err(|_| EngineStartError::Died)??;
+        let served = ready_rx.recv().map_err(|_| EngineStartError::Died)??;
         Ok(Self {
             jobs: jobs_tx,
-            models: Arc::new(infos),
+            models: Arc::new(served),
             active,
             max_active: config.limits.max_active_generations,
             stream_buffer: config.limits.stream_buffer,
         })
     }
 
-    pub fn models(&self) -> &[pb::ModelInfo] {
+    pub fn models(&self) -> &[ServedModel] {
         &self.models
     }
 
-    pub fn model(&self, name: &str) -> ServiceResult<&pb::ModelInfo> {
+    pub fn model(&self, name: &str) -> ServiceResult<&ServedModel> {
         self.models
             .iter()
-            .find(|m| m.name == name)
+            .find(|m| m.info.name == name)
             .ok_or_else(|| ServiceError::ModelNotFound(name.to_owned()))
     }
 

@@ -9,9 +9,6 @@ use crate::models::Result;
 use crate::pipeline::flux::FluxPipeline;
 use crate::pipeline::preview::LatentRgb;
 
-/// FluxPipeline's default T5 token budget.
-const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
-
 pub struct LoadedModel {
     pub info: pb::ModelInfo,
     pub pipeline: FluxPipeline,
@@ -61,7 +58,7 @@ impl LoadedModel {
             info,
             max_sequence_length: entry
                 .max_sequence_length
-                .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+                .unwrap_or_else(|| pipeline.default_max_sequence_length()),
             latent_rgb: LatentRgb::for_channels(spec.latent_channels),
             pipeline,
         })

@@ -356,6 +356,12 @@ impl FluxPipeline {
         })
     }
 
+    /// FluxPipeline's `max_sequence_length` (512), capped by the T5 tokenizer's
+    /// `model_max_length` so that small models trained on short prompts get their own budget.
+    pub fn default_max_sequence_length(&self) -> usize {
+        self.tokenizer_2.max_length().min(512)
+    }
+
     /// The loaded transformer (its config, block count and per-block compute estimate).
     pub fn transformer(&self) -> &FluxTransformer {
         &self.transformer

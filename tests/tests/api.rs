@@ -56,6 +56,16 @@ async fn wait_idle(session: &denoised_client::Session) {
     panic!("session still generating after 5 s");
 }
 
+/// The one-shot form (ephemeral session), run to its final event.
+async fn generate_once(
+    client: &Client,
+    cache: CacheConfig,
+    request: GenerateRequest,
+) -> denoised_client::Completed {
+    let stream = client.generate_once(MODEL, cache, request).await.unwrap();
+    stream.collect_final().await.unwrap()
+}
+
 fn code(result: Result<impl std::fmt::Debug, Error>) -> Code {
     result.expect_err("expected an error").code()
 }
@@ -128,27 +138,9 @@ async fn session_lifecycle_and_streamed_generation() {
 async fn same_seed_same_image_and_one_shot_form() {
     let server = TestServer::start().await;
     let client = Client::connect(server.url.clone()).await.unwrap();
-    let a = client
-        .generate_once(MODEL, CacheConfig::None, request(3, 99))
-        .await
-        .unwrap()
-        .collect_final()
-        .await
-        .unwrap();
-    let b = client
-        .generate_once(MODEL, CacheConfig::None, request(3, 99))
-        .await
-        .unwrap()
-        .collect_final()
-        .await
-        .unwrap();
-    let c = client
-        .generate_once(MODEL, CacheConfig::None, request(3, 100))
-        .await
-        .unwrap()
-        .collect_final()
-        .await
-        .unwrap();
+    let a = generate_once(&client, CacheConfig::None, request(3, 99)).await;
+    let b = generate_once(&client, CacheConfig::None, request(3, 99)).await;
+    let c = generate_once(&client, CacheConfig::None, request(3, 100)).await;
     assert_eq!(a.image.bytes, b.image.bytes);
     assert_ne!(a.image.bytes, c.image.bytes);
     // Ephemeral sessions are gone once their generation ended.
@@ -166,13 +158,7 @@ async fn concurrent_sessions_interleave_and_match_solo_runs() {
     let configs = [CacheConfig::None, best_cache(&client).await];
     let mut solo = Vec::new();
     for (i, cache) in configs.iter().enumerate() {
-        let done = client
-            .generate_once(MODEL, cache.clone(), request(steps, 7 + i as u64))
-            .await
-            .unwrap()
-            .collect_final()
-            .await
-            .unwrap();
+        let done = generate_once(&client, cache.clone(), request(steps, 7 + i as u64)).await;
         solo.push(done.image.bytes);
     }
 

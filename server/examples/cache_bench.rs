@@ -63,6 +63,18 @@ fn generate(pipeline: &FluxPipeline, params: &GenerateParams, config: &CacheConf
     }
 }
 
+/// The process's peak resident memory (`VmHWM`), as Linux reports it.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l[6..].trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn psnr_and_max_delta(a: &[u8], b: &[u8]) -> (f64, u8) {
     let mut mse = 0.0;
     let mut max = 0u8;
@@ -107,9 +119,10 @@ fn main() {
     let loaded = Instant::now();
     let pipeline = FluxPipeline::load(&model, device, kind).expect("model loads");
     println!(
-        "model {} loaded in {:?} on {device:?} ({kind:?})",
+        "model {} loaded in {:?} on {device:?} ({kind:?}), peak RSS {}",
         model.display(),
-        loaded.elapsed()
+        loaded.elapsed(),
+        peak_rss()
     );
 
     let params = |prompt: &str, seed: u64| GenerateParams {
@@ -223,4 +236,5 @@ fn main() {
         );
     }
     println!("\nmagcache ratios (calibrated): {mag_ratios:?}");
+    println!("peak RSS of the whole run: {}", peak_rss());
 }

@@ -50,7 +50,7 @@ $(PARITY_STAMP): $(STAMP) $(wildcard tests/parity/*.py)
 	@touch $@
 
 test: setup lint parity-data
-	cargo test --workspace -- --test-threads=2
+	cargo test --workspace --no-fail-fast -- --test-threads=2
 
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 DEFAULT_MODEL := models/default

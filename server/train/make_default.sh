@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 nice -n 19 "$PY" server/train/train_default.py --work out/train_default --out models/default "$@"
 cp out/train_default/train_log.json models/default/train_log.json
 nice -n 19 "$PY" server/train/evaluate.py --model models/default --pairs 50

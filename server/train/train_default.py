@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# Waiting OpenMP threads must sleep, not spin: on a shared machine a spinning thread waits for a
+# descheduled peer, and a 2-thread step got 4x slower than a 1-thread one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 

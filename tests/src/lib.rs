@@ -13,6 +13,20 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The project venv's interpreter (`make setup`), or the one `VIRTUAL_ENV` points at.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `make setup`",
+        python.display()
+    );
+    python
+}
+
 /// The tiny random FLUX pipeline (diffusers layout) the parity data script writes.
 pub fn tiny_model_dir() -> PathBuf {
     let data = std::env::var_os("DENOISED_PARITY_DATA")

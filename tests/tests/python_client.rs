@@ -1,23 +1,8 @@
 //! "Any language": a Python client generated with grpcio-tools from the same .proto runs a
 //! generation against the server.
-use std::path::PathBuf;
 use std::time::Duration;
 
-use denoised_tests::{repo_root, TestServer, MODEL};
-
-/// The project venv's interpreter (`make setup`), or the one `VIRTUAL_ENV` points at.
-fn python() -> PathBuf {
-    let venv = std::env::var_os("VIRTUAL_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `make setup`",
-        python.display()
-    );
-    python
-}
+use denoised_tests::{python, repo_root, TestServer, MODEL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpc_client_generates() {

@@ -122,12 +122,11 @@ def agreement(image, prompt: str) -> dict[str, bool]:
 
 
 def self_test(n: int = 400, seed: int = 12345) -> float:
-    """Fraction of rendered dataset examples the analyser reads correctly (should be 1.0)."""
-    ok = 0
-    for i in range(n):
-        ex = dataset.dataset_example(seed, i)
-        ok += agreement(dataset.render(ex), ex.prompt)["all"]
-    return ok / n
+    """Fraction of rendered images the analyser reads correctly (should be 1.0): every prompt's
+    training image, plus ``n`` with the VAE's randomised sizes and offsets."""
+    examples = dataset.prompt_examples() + [dataset.dataset_example(seed, i, augment=True) for i in range(n)]
+    ok = sum(agreement(dataset.render(ex), ex.prompt)["all"] for ex in examples)
+    return ok / len(examples)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,15 @@ jitter ranges) comes from ``dataset.json`` beside this file; ``analyse.py`` read
 the analyser judges generated images with exactly the vocabulary and geometry they were trained on.
 
 An example is a coloured shape on a flat coloured background, e.g. "a red circle at the top left on
-a blue background". Shapes are drawn 4x supersampled and box-filtered (anti-aliased edges). Example
-``i`` of a dataset with seed ``s`` is a pure function of ``(s, i)`` (numpy PCG64 seeded with both),
-so any subset can be regenerated in any order.
+a blue background". Shapes are drawn 4x supersampled and box-filtered (anti-aliased edges).
+
+The text-to-image data has one image per prompt (shape size fixed, centred in its grid cell): a
+prompt fully determines its image, which a model this small learns in a CPU budget; with random
+sizes and offsets it only learned blobs. The VAE instead trains on randomised geometry
+(``vae_augmentation``: sizes and sub-pixel offsets) so it reconstructs edges anywhere.
+
+Example ``i`` of a dataset with seed ``s`` is a pure function of ``(s, i)`` (numpy PCG64 seeded with
+both), so any subset can be regenerated in any order.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class Example:
     shape: str
     position: str
     background: str
-    half_size: float = 0.145
+    half_size: float = SPEC["half_size"]
     dx: float = 0.0
     dy: float = 0.0
 
@@ -93,20 +99,26 @@ def parse_prompt(prompt: str) -> dict[str, str] | None:
     return _prompt_table().get(" ".join(prompt.lower().split()))
 
 
-def sample_example(rng: np.random.Generator, combo: tuple[str, str, str, str] | None = None) -> Example:
-    """Random example; ``combo`` (color, shape, position, background) fixes the attributes."""
-    if combo is None:
-        combos = all_attribute_combinations()
-        combo = combos[rng.integers(len(combos))]
-    lo, hi = SPEC["half_size_range"]
-    jitter = SPEC["center_jitter"]
+def sample_example(rng: np.random.Generator, augment: bool = False) -> Example:
+    """Random attributes; with ``augment``, random size and offset too (the VAE's training images)."""
+    combos = all_attribute_combinations()
+    combo = combos[rng.integers(len(combos))]
+    if not augment:
+        return Example(*combo)
+    lo, hi = SPEC["vae_augmentation"]["half_size_range"]
+    jitter = SPEC["vae_augmentation"]["center_jitter"]
     half_size, dx, dy = rng.uniform(lo, hi), rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
     return Example(*combo, half_size=float(half_size), dx=float(dx), dy=float(dy))
 
 
-def dataset_example(seed: int, index: int) -> Example:
+def dataset_example(seed: int, index: int, augment: bool = False) -> Example:
     """Example ``index`` of the dataset with ``seed``: independent of every other index."""
-    return sample_example(np.random.default_rng([seed, index]))
+    return sample_example(np.random.default_rng([seed, index]), augment)
+
+
+def prompt_examples() -> list[Example]:
+    """The text-to-image training set: one example per prompt, in all_attribute_combinations order."""
+    return [Example(*combo) for combo in all_attribute_combinations()]
 
 
 def shape_mask(shape: str, box: tuple[float, float, float, float], size: int = IMAGE_SIZE,
@@ -173,11 +185,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="out/dataset_examples")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true", help="the VAE's randomised geometry")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(args.n):
-        ex = dataset_example(args.seed, i)
+        ex = dataset_example(args.seed, i, args.augment)
         Image.fromarray(render(ex)).save(out / f"{i:03d}.png")
         print(f"{i:03d}.png  {ex.prompt}")
     print(f"{len(all_prompts())} prompts, vocabulary ({len(vocabulary())} words): {' '.join(vocabulary())}")

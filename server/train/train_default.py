@@ -4,8 +4,8 @@ shapes dataset (dataset.json), saved as a diffusers FluxPipeline folder.
 Phases (each one reads the previous phases' outputs from --work, so they can be rerun separately):
   components   tokenizers from the dataset vocabulary; random, frozen CLIP + T5 text encoders
   vae          AutoencoderKL (FLUX-style, no quant convs) on dataset images; held-out PSNR
-  latents      latent statistics -> shift_factor / scaling_factor; cached training latents and the
-               text embeddings of every dataset prompt (computed by FluxPipeline.encode_prompt)
+  latents      the latents of every prompt's image -> shift_factor / scaling_factor; cached with the
+               text embeddings of every prompt (computed by FluxPipeline.encode_prompt)
   transformer  FluxTransformer2DModel, rectified flow exactly as FluxPipeline samples it
   assemble     the diffusers folder (--out), reloaded with FluxPipeline.from_pretrained and run once
 
@@ -37,16 +37,18 @@ import components as C  # noqa: E402
 import dataset  # noqa: E402
 
 PHASES = ("components", "vae", "latents", "transformer", "assemble")
-# Dataset seeds of the disjoint image sets (examples are a function of (seed, index)).
-VAE_TRAIN_SET, VAE_HELDOUT_SET, LATENT_SET = 1, 2, 3
+# Dataset seeds of the VAE's disjoint image sets (examples are a function of (seed, index)).
+VAE_TRAIN_SET, VAE_HELDOUT_SET = 1, 2
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def images(set_seed: int, indices) -> torch.Tensor:
-    return torch.from_numpy(dataset.render_batch([dataset.dataset_example(set_seed, int(i)) for i in indices]))
+def vae_images(set_seed: int, indices) -> torch.Tensor:
+    """VAE training / held-out images: random prompts with randomised shape size and offset."""
+    examples = [dataset.dataset_example(set_seed, int(i), augment=True) for i in indices]
+    return torch.from_numpy(dataset.render_batch(examples))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
@@ -91,7 +93,7 @@ class Run:
         vae.eval()
         mses = []
         for start in range(0, n, 64):
-            x = images(VAE_HELDOUT_SET, range(start, min(start + 64, n)))
+            x = vae_images(VAE_HELDOUT_SET, range(start, min(start + 64, n)))
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
             mses.append(((rec - x) / 2).pow(2).flatten(1).mean(1))
         mse = torch.cat(mses)
@@ -115,7 +117,7 @@ class Run:
             # ones whole images, so the group norms settle on full-image statistics.
             crop = step < a.vae_steps - a.vae_full_steps
             batch = a.vae_batch if crop else a.vae_batch // 2
-            x = images(VAE_TRAIN_SET, range(seen, seen + batch))
+            x = vae_images(VAE_TRAIN_SET, range(seen, seen + batch))
             seen += batch
             if crop:
                 offsets = crop_rng.integers(0, dataset.IMAGE_SIZE - 32 + 1, size=(batch, 2))
@@ -167,36 +169,39 @@ class Run:
     def latents(self):
         from diffusers import AutoencoderKL
 
-        a = self.args
         t0 = time.time()
         vae = AutoencoderKL.from_pretrained(str(self.work / "vae")).eval()
-        means, combos = [], []
-        for start in range(0, a.latent_images, 128):
-            idx = range(start, min(start + 128, a.latent_images))
-            examples = [dataset.dataset_example(LATENT_SET, i) for i in idx]
-            x = torch.from_numpy(dataset.render_batch(examples))
-            means.append(vae.encode(x).latent_dist.mode())
-            combos += [(ex.color, ex.shape, ex.position, ex.background) for ex in examples]
+        examples = dataset.prompt_examples()  # one image per prompt, in prompt order
+        means, mses = [], []
+        for start in range(0, len(examples), 96):
+            x = torch.from_numpy(dataset.render_batch(examples[start:start + 96]))
+            z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample.clamp(-1, 1)
+            means.append(z)
+            mses.append(((rec - x) / 2).pow(2).flatten(1).mean(1))
         z = torch.cat(means)
+        mse = torch.cat(mses)
+        psnr = {"psnr_pooled": float(-10 * torch.log10(mse.mean())),
+                "psnr_min": float(-10 * torch.log10(mse.max()))}
         # diffusers' convention (FluxPipeline): latents = (z - shift_factor) * scaling_factor.
         shift, scale = float(z.mean()), float(1.0 / z.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         vae.save_pretrained(str(self.work / "vae"))
-        x0 = (z - shift) * scale
 
-        prompts = dataset.all_prompts()
-        prompt_index = {c: i for i, c in enumerate(dataset.all_attribute_combinations())}
+        prompts = [ex.prompt for ex in examples]
         pipe = self.text_pipeline()
         t5, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=torch.device("cpu"),
                                            max_sequence_length=C.MAX_SEQUENCE_LENGTH)
-        torch.save({"x0": x0, "prompt_ids": torch.tensor([prompt_index[c] for c in combos]),
-                    "t5": t5, "pooled": pooled, "prompts": prompts}, self.work / "latents.pt")
+        torch.save({"x0": (z - shift) * scale, "t5": t5, "pooled": pooled, "prompts": prompts},
+                   self.work / "latents.pt")
         seconds = time.time() - t0
-        # How distinct the frozen encoders keep the prompts (relative spread across prompts).
+        # How distinct the frozen encoders keep the prompts (spread across prompts / overall spread).
         spread = {"t5": float(t5.std(0).mean() / t5.std()), "pooled": float(pooled.std(0).mean() / pooled.std())}
-        log(f"latents: {tuple(z.shape)} shift {shift:.4f} scale {scale:.4f}; text spread {spread} ({seconds:.0f}s)")
-        self.save_record("latents", seconds=round(seconds, 1), images=a.latent_images, shift_factor=shift,
-                         scaling_factor=scale, latent_shape=list(z.shape[1:]), text_spread=spread)
+        log(f"latents: {tuple(z.shape)} shift {shift:.4f} scale {scale:.4f}; reconstruction of the prompt "
+            f"images {psnr}; text spread {spread} ({seconds:.0f}s)")
+        self.save_record("latents", seconds=round(seconds, 1), images=len(examples), shift_factor=shift,
+                         scaling_factor=scale, latent_shape=list(z.shape[1:]), text_spread=spread,
+                         prompt_images_reconstruction=psnr)
 
     # ------------------------------------------------------------------------------------------------
     def transformer(self):
@@ -208,7 +213,7 @@ class Run:
 
         a = self.args
         data = torch.load(self.work / "latents.pt")
-        x0_all, prompt_ids, t5_all, pooled_all = data["x0"], data["prompt_ids"], data["t5"], data["pooled"]
+        x0_all, t5_all, pooled_all = data["x0"], data["t5"], data["pooled"]  # row i = prompt i
         n, c, h, w = x0_all.shape
         torch.manual_seed(a.seed)
         model = C.new_transformer(a.seed).train()
@@ -256,10 +261,14 @@ class Run:
             # bf16 autocast: about twice as fast on this CPU; weights, optimizer and EMA stay fp32.
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 pred = model(hidden_states=xt, timestep=sigma, guidance=None,
-                             pooled_projections=pooled_all[prompt_ids[idx]],
-                             encoder_hidden_states=t5_all[prompt_ids[idx]], txt_ids=txt_ids, img_ids=img_ids,
+                             pooled_projections=pooled_all[idx], encoder_hidden_states=t5_all[idx],
+                             txt_ids=txt_ids, img_ids=img_ids,
                              return_dict=False)[0]
-            loss = (pred.float() - (noise - x0)).pow(2).mean()  # the velocity the Euler scheduler integrates
+            # Target: the velocity the Euler scheduler integrates. Weighted by sigma^2 it is the error of
+            # the implied clean image x0 = x_t - sigma * v, equal at every noise level; unweighted, low
+            # sigma (where copying x_t is enough) dominates and shapes drawn from noise stay blobs.
+            err = (pred.float() - (noise - x0)).pow(2).mean(dim=(1, 2))
+            loss = (err * sigma.pow(2)).mean() if a.x0_weighting else err.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -280,7 +289,7 @@ class Run:
         ema.save_pretrained(str(self.work / "transformer"))
         final = float(np.mean(history[-200:]))
         self.save_record("transformer", seconds=round(seconds, 1), steps=a.steps, batch=a.batch, lr=a.lr,
-                         ema=a.ema, final_loss=final, params=sum(p.numel() for p in ema.parameters()))
+                         ema=a.ema, x0_weighting=a.x0_weighting, final_loss=final, params=sum(p.numel() for p in ema.parameters()))
         log(f"transformer done: {a.steps} steps, {seconds:.0f}s of training in all, final loss {final:.4f}")
 
     # ------------------------------------------------------------------------------------------------
@@ -356,12 +365,13 @@ def main():
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--latent-images", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--no-x0-weighting", dest="x0_weighting", action="store_false",
+                   help="plain velocity MSE instead of sigma^2-weighted")
     p.add_argument("--restart", action="store_true", help="ignore transformer checkpoints in --work")
     args = p.parse_args()
 

@@ -9,9 +9,12 @@
 //! Data: `$DENOISED_PARITY_DATA/cache` or `<repo>/tests/parity/data/cache`; generate it with
 //! `make parity-data`. Missing data fails the tests. Run with `--nocapture` to see, per case, the
 //! difference to diffusers and how much the cache changed the output against no cache.
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::max_abs_diff;
 use denoised_proto::v1 as pb;
 use denoised_server::cache::hooks::StepStats;
 use denoised_server::cache::{build_strategy, CacheConfig, CacheStrategy};
@@ -260,14 +263,6 @@ fn generate(pipeline: &FluxPipeline, case: &Value, cached: bool) -> Run {
         decisions,
         calibrated: strategy.calibrated_mag_ratios(),
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 /// Runs every case starting with one of `prefixes`; all must match diffusers.

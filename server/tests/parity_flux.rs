@@ -4,9 +4,12 @@
 //! Data: `$DENOISED_PARITY_DATA` or `<repo>/tests/parity/data`; generate it with
 //! `make parity-data`. Missing data fails the tests. Run with `--nocapture` to see the measured
 //! differences.
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::max_abs_diff;
 use denoised_server::cache::hooks::{
     AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, NoHooks, StepStats,
     TransformerHooks,
@@ -52,14 +55,6 @@ fn get<'a>(reference: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
     reference
         .get(key)
         .unwrap_or_else(|| panic!("reference has no `{key}`"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {

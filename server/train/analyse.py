@@ -71,7 +71,8 @@ def analyse(image) -> dict:
     dist = np.linalg.norm(rgb[:, :, None, :] - _PALETTE[None, None], axis=-1)  # h, w, colours
     nearest = dist.argmin(-1)
 
-    border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(), nearest[:, :2].ravel(), nearest[:, -2:].ravel()])
+    border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(),
+                             nearest[:, :2].ravel(), nearest[:, -2:].ravel()])
     bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
     result = {"background": _NAMES[bg], "color": None, "shape": None, "position": None, "box": None, "scores": None}
 

@@ -8,7 +8,6 @@ checkpoint. Sizes are chosen to train in minutes on two CPU cores and to stay we
 from __future__ import annotations
 
 import json
-import os
 import string
 from collections import Counter
 from pathlib import Path
@@ -53,7 +52,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shiftin
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable character map (the byte-level alphabet, in CLIP's order)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -204,4 +203,3 @@ def folder_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"os", "json", "string"}]

@@ -7,10 +7,13 @@ the analyser judges generated images with exactly the vocabulary and geometry th
 An example is a coloured shape on a flat coloured background, e.g. "a red circle at the top left on
 a blue background". Shapes are drawn 4x supersampled and box-filtered (anti-aliased edges).
 
-The text-to-image data has one image per prompt (shape size fixed, centred in its grid cell): a
-prompt fully determines its image, which a model this small learns in a CPU budget; with random
-sizes and offsets it only learned blobs. The VAE instead trains on randomised geometry
-(``vae_augmentation``: sizes and sub-pixel offsets) so it reconstructs edges anywhere.
+The text-to-image data has one image per prompt: a prompt fully determines its image, which a
+model this small learns in a CPU budget (with random sizes and offsets it only learned blobs). The
+geometry is aligned to the transformer's token grid (a token is 2x2 latents = 8x8 pixels): shape
+centres at 1/4, 1/2, 3/4 of the side and a 12-pixel half size, so a shape at any position is the
+same token pattern shifted by whole tokens, which RoPE attention reproduces exactly. The VAE
+instead trains on randomised geometry (``vae_augmentation``: its own centre grid, sizes and
+sub-pixel offsets) so it reconstructs edges anywhere.
 
 Example ``i`` of a dataset with seed ``s`` is a pure function of ``(s, i)`` (numpy PCG64 seeded with
 both), so any subset can be regenerated in any order.
@@ -50,6 +53,7 @@ class Example:
     half_size: float = SPEC["half_size"]
     dx: float = 0.0
     dy: float = 0.0
+    vae_grid: bool = False  # centre from vae_augmentation.grid instead of the position's centre
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -108,7 +112,7 @@ def sample_example(rng: np.random.Generator, augment: bool = False) -> Example:
     lo, hi = SPEC["vae_augmentation"]["half_size_range"]
     jitter = SPEC["vae_augmentation"]["center_jitter"]
     half_size, dx, dy = rng.uniform(lo, hi), rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
-    return Example(*combo, half_size=float(half_size), dx=float(dx), dy=float(dy))
+    return Example(*combo, half_size=float(half_size), dx=float(dx), dy=float(dy), vae_grid=True)
 
 
 def dataset_example(seed: int, index: int, augment: bool = False) -> Example:
@@ -145,8 +149,17 @@ def shape_mask(shape: str, box: tuple[float, float, float, float], size: int = I
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
+def _vae_grid_center(position: str) -> tuple[float, float]:
+    """The position's cell on the VAE's own centre grid (same column / row order)."""
+    xs = sorted({p["center"][0] for p in POSITIONS.values()})
+    ys = sorted({p["center"][1] for p in POSITIONS.values()})
+    grid = SPEC["vae_augmentation"]["grid"]
+    cx, cy = POSITIONS[position]["center"]
+    return grid[xs.index(cx)], grid[ys.index(cy)]
+
+
 def example_box(ex: Example, size: int = IMAGE_SIZE) -> tuple[float, float, float, float]:
-    cx, cy = POSITIONS[ex.position]["center"]
+    cx, cy = _vae_grid_center(ex.position) if ex.vae_grid else POSITIONS[ex.position]["center"]
     cx, cy, h = (cx + ex.dx) * size, (cy + ex.dy) * size, ex.half_size * size
     return (cx - h, cy - h, cx + h, cy + h)
 

@@ -194,6 +194,7 @@ class Run:
                                            max_sequence_length=C.MAX_SEQUENCE_LENGTH)
         torch.save({"x0": (z - shift) * scale, "t5": t5, "pooled": pooled, "prompts": prompts},
                    self.work / "latents.pt")
+        shutil.rmtree(self.work / "transformer_checkpoints", ignore_errors=True)  # trained on old latents
         seconds = time.time() - t0
         # How distinct the frozen encoders keep the prompts (spread across prompts / overall spread).
         spread = {"t5": float(t5.std(0).mean() / t5.std()), "pooled": float(pooled.std(0).mean() / pooled.std())}
@@ -264,9 +265,8 @@ class Run:
                              pooled_projections=pooled_all[idx], encoder_hidden_states=t5_all[idx],
                              txt_ids=txt_ids, img_ids=img_ids,
                              return_dict=False)[0]
-            # Target: the velocity the Euler scheduler integrates. Weighted by sigma^2 it is the error of
-            # the implied clean image x0 = x_t - sigma * v, equal at every noise level; unweighted, low
-            # sigma (where copying x_t is enough) dominates and shapes drawn from noise stay blobs.
+            # Target: the velocity the Euler scheduler integrates (optionally weighted by sigma^2, i.e.
+            # the error of the implied clean image x0 = x_t - sigma * v; it did not help here).
             err = (pred.float() - (noise - x0)).pow(2).mean(dim=(1, 2))
             loss = (err * sigma.pow(2)).mean() if a.x0_weighting else err.mean()
             opt.zero_grad(set_to_none=True)
@@ -289,7 +289,8 @@ class Run:
         ema.save_pretrained(str(self.work / "transformer"))
         final = float(np.mean(history[-200:]))
         self.save_record("transformer", seconds=round(seconds, 1), steps=a.steps, batch=a.batch, lr=a.lr,
-                         ema=a.ema, x0_weighting=a.x0_weighting, final_loss=final, params=sum(p.numel() for p in ema.parameters()))
+                         ema=a.ema, x0_weighting=a.x0_weighting, final_loss=final,
+                         params=sum(p.numel() for p in ema.parameters()))
         log(f"transformer done: {a.steps} steps, {seconds:.0f}s of training in all, final loss {final:.4f}")
 
     # ------------------------------------------------------------------------------------------------
@@ -310,12 +311,17 @@ class Run:
         for name in ("tokenizer", "tokenizer_2"):
             shutil.rmtree(out / name)
             shutil.copytree(self.work / "components" / name, out / name)
+        # Serving defaults for the denoised server (diffusers ignores the file; FluxPipeline would
+        # default to 1024x1024). The T5 budget is tokenizer_2's model_max_length.
+        d = dataset.DEFAULTS
+        (out / "denoised.json").write_text(json.dumps(
+            {"width": d["width"], "height": d["height"], "steps": d["num_inference_steps"]}, indent=2) + "\n")
+        shutil.copy(self.log_path, out / "train_log.json")
         self.write_model_card(out)
 
         # It must load and run as a plain diffusers folder.
         reloaded = FluxPipeline.from_pretrained(str(out))
         reloaded.set_progress_bar_config(disable=True)
-        d = dataset.DEFAULTS
         image = reloaded(dataset.eval_pairs()[0]["prompt"], height=d["height"], width=d["width"],
                          num_inference_steps=d["num_inference_steps"], max_sequence_length=d["max_sequence_length"],
                          generator=torch.Generator("cpu").manual_seed(0)).images[0]
@@ -323,29 +329,34 @@ class Run:
         log(f"assembled {out} ({C.folder_size_mb(out):.2f} MB); FluxPipeline.from_pretrained ran it")
 
     def write_model_card(self, out: Path) -> None:
-        r, d = self.record, dataset.DEFAULTS
-        psnr = r.get("vae", {}).get("psnr_pooled", float("nan"))
+        d, latents = dataset.DEFAULTS, self.record.get("latents", {})
+        psnr = self.record.get("vae", {}).get("psnr_pooled", float("nan"))
+        vae = (f"shift_factor {latents.get('shift_factor', float('nan')):.6f}, scaling_factor "
+               f"{latents.get('scaling_factor', float('nan')):.6f}, held-out PSNR {psnr:.2f} dB")
         sizes = {p.parent.name: round(p.stat().st_size / 2**20, 2) for p in sorted(out.rglob("*.safetensors"))}
+        call = (f'pipe("a red circle at the top left on a blue background", height={d["height"]}, '
+                f'width={d["width"]},\n             num_inference_steps={d["num_inference_steps"]}, '
+                f'max_sequence_length={d["max_sequence_length"]}).images[0]')
         card = f"""# denoised default model
 
 A tiny FLUX-architecture text-to-image model (diffusers `FluxPipeline` layout) trained by
 `server/train/train_default.py` on the procedural shapes dataset of `server/train/dataset.json`
 ("a red circle at the top left on a blue background"). Schnell-style: no guidance embedding, no CFG.
+Provenance: `train_log.json`; serving defaults for denoised: `denoised.json`.
 
 | setting | value |
 |---|---|
-| size | {d['width']}x{d['height']} (multiples of 8 work) |
+| size | {d['width']}x{d['height']} (the only size it was trained at) |
 | steps | {d['num_inference_steps']} |
-| max_sequence_length (T5) | {d['max_sequence_length']} (also `tokenizer_2` model_max_length) |
+| max_sequence_length (T5) | {d['max_sequence_length']} (also `tokenizer_2` model_max_length; 512 breaks it) |
 | scheduler | FlowMatchEulerDiscreteScheduler, shift {C.SCHEDULER_CONFIG['shift']}, no dynamic shifting |
-| VAE | shift_factor {r['latents']['shift_factor']:.6f}, scaling_factor {r['latents']['scaling_factor']:.6f}, held-out PSNR {psnr:.2f} dB |
+| VAE | {vae} |
 | weights (MB, fp32) | {json.dumps(sizes)} |
 
 ```python
 from diffusers import FluxPipeline
 pipe = FluxPipeline.from_pretrained("models/default")
-image = pipe("a red circle at the top left on a blue background", height={d['height']}, width={d['width']},
-             num_inference_steps={d['num_inference_steps']}, max_sequence_length={d['max_sequence_length']}).images[0]
+image = {call}
 ```
 
 Check: `python server/train/evaluate.py --model models/default --pairs 50`.
@@ -370,8 +381,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--no-x0-weighting", dest="x0_weighting", action="store_false",
-                   help="plain velocity MSE instead of sigma^2-weighted")
+    p.add_argument("--x0-weighting", action="store_true",
+                   help="weight the velocity MSE by sigma^2 (the implied x0 error) instead of plain MSE")
     p.add_argument("--restart", action="store_true", help="ignore transformer checkpoints in --work")
     args = p.parse_args()
 

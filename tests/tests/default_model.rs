@@ -67,7 +67,6 @@ async fn agreement(client: &Client, pairs: &[Pair], cache: &CacheConfig, dir: &P
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the shipped models/default (issue 5); run with --ignored once it lands"]
 async fn default_model_draws_the_prompt() {
     let model_dir = repo_root().join("models/default");
     let config = Config {

@@ -32,25 +32,15 @@ pub enum StartError {
 /// A server running in the background of the current Tokio runtime.
 pub struct RunningServer {
     pub addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl RunningServer {
     /// Stops accepting requests and waits for the server task to end.
-    pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+        let _ = self.shutdown.send(());
         self.task.await.unwrap_or(Ok(()))
-    }
-
-    /// Runs until the server stops on its own (e.g. a transport error).
-    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
-        let Self { shutdown, task, .. } = self;
-        let result = task.await.unwrap_or(Ok(()));
-        drop(shutdown);
-        result
     }
 }
 
@@ -108,7 +98,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tracing::info!(%addr, "denoised listening");
     Ok(RunningServer {
         addr,
-        shutdown: Some(shutdown_tx),
+        shutdown: shutdown_tx,
         task,
     })
 }

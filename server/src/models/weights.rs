@@ -135,10 +135,6 @@ impl Weights {
         self.index.contains_key(name)
     }
 
-    pub fn names(&self) -> BTreeSet<&str> {
-        self.index.keys().map(String::as_str).collect()
-    }
-
     /// The tensor `name`, checked against `shape`, in the run dtype on the run device.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         self.get_as(name, shape, self.kind)
@@ -157,13 +153,6 @@ impl Weights {
             });
         }
         self.load(shard, name, info, &actual, kind)
-    }
-
-    /// The tensor `name` with whatever shape it has on disk.
-    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
-        let (shard, info) = self.info(name)?;
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        self.load(shard, name, info, &shape, self.kind)
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<i64>> {

@@ -79,8 +79,6 @@ pub struct FluxSpec {
     pub num_single_blocks: usize,
     /// VAE latent channels (16 for FLUX.1), the channels of [`FluxGeneration::predicted_clean`].
     pub latent_channels: usize,
-    /// Transformer width (heads × head dim).
-    pub hidden_dim: usize,
     pub device: Device,
     pub kind: Kind,
 }
@@ -378,7 +376,6 @@ impl FluxPipeline {
             num_dual_blocks: c.num_layers,
             num_single_blocks: c.num_single_layers,
             latent_channels: self.vae.config().latent_channels as usize,
-            hidden_dim: c.inner_dim() as usize,
             device: self.device,
             kind: self.kind,
         }

@@ -1,6 +1,6 @@
-//! Cache strategies against no cache on one model, through the pipeline directly (no gRPC): wall
-//! time, speed-up, PSNR and max |Δ| of the final image vs. no cache, the estimated fraction of
-//! transformer FLOPs skipped, and the peak bytes the cache held. Prints a Markdown table.
+//! Cache strategies against no cache on one model, through the engine's own step loop (no gRPC):
+//! wall time, speed-up, PSNR and max |Δ| of the final image vs. no cache, the estimated fraction
+//! of transformer FLOPs skipped, and the peak bytes the cache held. Prints a Markdown table.
 //!
 //! `cargo run --release -p denoised-server --example cache_bench -- MODEL_DIR [steps] [size]
 //! [max_sequence_length] [device]`
@@ -11,10 +11,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use denoised_proto::v1 as pb;
-use denoised_server::cache::hooks::StepStats;
-use denoised_server::cache::{build_strategy, CacheConfig, CacheStrategy};
+use denoised_server::api::convert::cache::cache_config;
+use denoised_server::cache::CacheConfig;
+use denoised_server::dit::pipeline::AnyPipeline;
+use denoised_server::dit::request::GenerationRequest;
 use denoised_server::engine::device::{parse_device, parse_dtype};
-use denoised_server::pipeline::flux::{FluxPipeline, GenerateParams};
+use denoised_server::engine::run::Denoise;
+use denoised_server::models::load_pipeline;
 use pb::cache_config::Strategy;
 
 const PROMPTS: [&str; 4] = [
@@ -33,33 +36,23 @@ struct Run {
     calibrated: Option<Vec<f32>>,
 }
 
-fn generate(pipeline: &FluxPipeline, params: &GenerateParams, config: &CacheConfig) -> Run {
-    let mut strategy: Box<dyn CacheStrategy> = build_strategy(config).expect("valid config");
+fn generate(pipeline: &dyn AnyPipeline, params: &GenerationRequest, config: &CacheConfig) -> Run {
     let started = Instant::now();
-    let mut generation = pipeline.prepare(params).expect("prepare");
-    let multiple = pipeline.spec().size_multiple;
-    let image_tokens = (params.width / multiple) * (params.height / multiple);
-    let (mut flops_total, mut flops_saved, mut peak) = (0.0, 0.0, 0);
-    while !generation.is_done() {
-        let mut stats = StepStats::default();
-        pipeline.step(&mut generation, strategy.as_mut(), &mut stats);
-        let (total, saved) =
-            pipeline
-                .transformer()
-                .step_flops(image_tokens, params.max_sequence_length, &stats);
-        flops_total += total;
-        flops_saved += saved;
-        peak = peak.max(strategy.state_bytes());
+    let mut run = Denoise::start(pipeline, params, config.clone()).expect("generation starts");
+    let mut peak = 0;
+    while !run.progress(pipeline).is_done() {
+        let report = run.step(pipeline).expect("step");
+        peak = peak.max(report.state_bytes);
     }
-    let image = pipeline.decode(&generation.latents());
-    let (_, _, rgb) = FluxPipeline::to_rgb8(&image);
+    let frames = pipeline.decode(run.generation());
+    let totals = run.totals();
     Run {
-        rgb,
+        rgb: frames.frames.into_iter().next().expect("one image"),
         time: started.elapsed(),
-        flops_total,
-        flops_saved,
+        flops_total: totals.flops_total,
+        flops_saved: totals.flops_saved,
         peak_state_bytes: peak,
-        calibrated: strategy.calibrated_mag_ratios(),
+        calibrated: run.strategy().calibrated_mag_ratios(),
     }
 }
 
@@ -93,7 +86,7 @@ fn psnr_and_max_delta(a: &[u8], b: &[u8]) -> (f64, u8) {
 }
 
 fn config(strategy: Strategy) -> CacheConfig {
-    CacheConfig::from_proto(
+    cache_config(
         Some(&pb::CacheConfig {
             strategy: Some(strategy),
         }),
@@ -117,7 +110,8 @@ fn main() {
     let kind = parse_dtype("auto", device).expect("dtype");
     let _no_grad = tch::no_grad_guard();
     let loaded = Instant::now();
-    let pipeline = FluxPipeline::load(&model, device, kind).expect("model loads");
+    let pipeline = load_pipeline(&model, device, kind).expect("model loads");
+    let pipeline = pipeline.as_ref();
     println!(
         "model {} loaded in {:?} on {device:?} ({kind:?}), peak RSS {}",
         model.display(),
@@ -125,7 +119,7 @@ fn main() {
         peak_rss()
     );
 
-    let params = |prompt: &str, seed: u64| GenerateParams {
+    let params = |prompt: &str, seed: u64| GenerationRequest {
         prompt: prompt.into(),
         negative_prompt: None,
         width: size,
@@ -137,9 +131,9 @@ fn main() {
         max_sequence_length,
     };
     // Warm-up (allocator, first kernels), then MagCache calibration on the first prompt.
-    generate(&pipeline, &params(PROMPTS[0], 0), &CacheConfig::None);
+    generate(pipeline, &params(PROMPTS[0], 0), &CacheConfig::None);
     let calibration = generate(
-        &pipeline,
+        pipeline,
         &params(PROMPTS[0], 0),
         &config(Strategy::MagCache(pb::MagCache {
             calibrate: true,
@@ -197,7 +191,7 @@ fn main() {
         let mut best: Vec<Option<Run>> = strategies.iter().map(|_| None).collect();
         for _ in 0..REPEATS {
             for ((_, cfg), slot) in strategies.iter().zip(best.iter_mut()) {
-                let run = generate(&pipeline, &params(prompt, i as u64), cfg);
+                let run = generate(pipeline, &params(prompt, i as u64), cfg);
                 if slot.as_ref().is_none_or(|b| run.time < b.time) {
                     *slot = Some(run);
                 }

@@ -1,6 +1,4 @@
-//! Service errors and their one mapping to gRPC statuses.
-use tonic::{Code, Status};
-
+//! Service errors. Their one mapping to gRPC statuses is in `api/convert`.
 use crate::models::ModelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,50 +31,6 @@ impl ServiceError {
             message: message.into(),
         }
     }
-
-    pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::SessionNotFound(_) | Self::ModelNotFound(_) => Code::NotFound,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Cancelled => Code::Cancelled,
-            Self::EngineStopped => Code::Unavailable,
-            // Input the model rejects (e.g. a prompt the tokenizer cannot take) is the caller's.
-            Self::Model(ModelError::InvalidInput { .. }) => Code::InvalidArgument,
-            Self::Model(_) | Self::Internal(_) => Code::Internal,
-        }
-    }
-}
-
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let message = match &e {
-            // Name the field the way the request spells it.
-            ServiceError::Model(ModelError::InvalidInput { field, message }) => {
-                format!("invalid `{field}`: {message}")
-            }
-            other => other.to_string(),
-        };
-        Status::new(e.code(), message)
-    }
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_to_codes_and_names_the_field() {
-        let s: Status = ServiceError::invalid("width", "must be at least 16").into();
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("`width`"));
-        let s: Status = ServiceError::SessionNotFound("abc".into()).into();
-        assert_eq!(s.code(), Code::NotFound);
-        let s: Status = ServiceError::Model(ModelError::invalid_input("prompt", "too long")).into();
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("`prompt`"));
-    }
-}

@@ -1,6 +1,6 @@
-//! Parity of the step caches with diffusers' own (`enable_cache`), through `FluxPipeline::step` on
-//! the tiny random pipelines (fp32, CPU): final latents within 1e-4 and, per step, the same numbers
-//! of computed blocks and attention modules. Cases come from `tests/parity/make_cache_reference.py`
+//! Parity of the step caches with diffusers' own (`enable_cache`), through the engine's own step
+//! loop ([`Denoise`], as the server runs it) on the tiny random pipelines (fp32, CPU): final
+//! latents within 1e-4 and, per step, the same numbers of computed blocks and attention modules. Cases come from `tests/parity/make_cache_reference.py`
 //! (diffusers' docs/tests configs and others; switches and resets between steps; MagCache
 //! calibration). Where the server's documented semantics differ from diffusers (per-branch
 //! PAB / FasterCache state under true CFG, FasterCache's unconditional reuse with sequential CFG),
@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 
 use common::max_abs_diff;
 use denoised_proto::v1 as pb;
-use denoised_server::cache::hooks::StepStats;
-use denoised_server::cache::{build_strategy, CacheConfig, CacheStrategy};
-use denoised_server::pipeline::flux::{FluxPipeline, GenerateParams};
+use denoised_server::api::convert::cache::cache_config as wire_cache_config;
+use denoised_server::cache::CacheConfig;
+use denoised_server::dit::pipeline::AnyPipeline;
+use denoised_server::dit::request::GenerationRequest;
+use denoised_server::engine::run::{CacheChange, Denoise};
+use denoised_server::models::load_pipeline;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -196,17 +199,16 @@ fn cache_config(spec: &Value) -> CacheConfig {
     let config = pb::CacheConfig {
         strategy: Some(strategy),
     };
-    CacheConfig::from_proto(Some(&config), "cache")
-        .unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
+    wire_cache_config(Some(&config), "cache").unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
 }
 
-fn params(case: &Value) -> GenerateParams {
+fn request(case: &Value) -> GenerationRequest {
     let num = |key: &str| {
         case[key]
             .as_f64()
             .unwrap_or_else(|| panic!("case has no `{key}`"))
     };
-    GenerateParams {
+    GenerationRequest {
         prompt: case["prompt"].as_str().unwrap().to_owned(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_owned),
         width: num("width") as usize,
@@ -228,57 +230,59 @@ struct Run {
 }
 
 /// Runs a case's generation: with its cache (switched / reset before the steps the case names, as
-/// the engine does: a fresh strategy from that step on), or with none at all.
-fn generate(pipeline: &FluxPipeline, case: &Value, cached: bool) -> Run {
+/// a client's SetCacheStrategy / ResetCache takes effect in the engine), or with none at all.
+fn generate(pipeline: &dyn AnyPipeline, case: &Value, cached: bool) -> Run {
     let initial = if cached {
         cache_config(&case["cache"])
     } else {
         CacheConfig::None
     };
-    let mut changes: Vec<(usize, CacheConfig)> = Vec::new();
+    let mut changes: Vec<(usize, CacheChange)> = Vec::new();
     if cached {
         if let Some(switch) = case.get("switch").filter(|s| !s.is_null()) {
             changes.push((
                 switch["step"].as_u64().unwrap() as usize,
-                cache_config(&switch["cache"]),
+                CacheChange::Switch(cache_config(&switch["cache"])),
             ));
         }
         if let Some(step) = case.get("reset").and_then(Value::as_u64) {
-            changes.push((step as usize, initial.clone()));
+            changes.push((step as usize, CacheChange::Reset));
         }
     }
-    let mut gen = pipeline.prepare(&params(case)).unwrap();
-    let mut strategy: Box<dyn CacheStrategy> = build_strategy(&initial).unwrap();
+    let mut run = Denoise::start(pipeline, &request(case), initial).unwrap();
     let mut decisions = Vec::new();
-    while !gen.is_done() {
-        if let Some((_, config)) = changes.iter().find(|(step, _)| *step == gen.step_index()) {
-            strategy = build_strategy(config).unwrap();
+    while !run.progress(pipeline).is_done() {
+        let step = run.progress(pipeline).step_index;
+        if let Some((_, change)) = changes.iter().find(|(at, _)| *at == step) {
+            run.change_cache(change.clone()).unwrap();
         }
-        let mut stats = StepStats::default();
-        pipeline.step(&mut gen, strategy.as_mut(), &mut stats);
-        decisions.push([stats.blocks.computed, stats.attention.computed]);
+        let report = run.step(pipeline).unwrap();
+        decisions.push([
+            report.stats.blocks.computed,
+            report.stats.attention.computed,
+        ]);
     }
     Run {
-        latents: gen.latents().shallow_clone(),
+        latents: pipeline.latents(run.generation()),
         decisions,
-        calibrated: strategy.calibrated_mag_ratios(),
+        calibrated: run.strategy().calibrated_mag_ratios(),
     }
 }
 
 /// Runs every case starting with one of `prefixes`; all must match diffusers.
 fn check(prefixes: &[&str]) {
     let _guard = tch::no_grad_guard();
-    let mut pipelines: HashMap<String, FluxPipeline> = HashMap::new();
+    let mut pipelines: HashMap<String, Box<dyn AnyPipeline>> = HashMap::new();
     let mut failures = Vec::new();
     for case in cases(prefixes) {
         let name = case["name"].as_str().unwrap();
         let model = case["model"].as_str().unwrap();
         let pipeline = pipelines.entry(model.to_owned()).or_insert_with(|| {
-            FluxPipeline::load(&data_dir().join(model), Device::Cpu, Kind::Float)
+            load_pipeline(&data_dir().join(model), Device::Cpu, Kind::Float)
                 .unwrap_or_else(|e| panic!("{model}: {e}"))
         });
-        let run = generate(pipeline, &case, true);
-        let uncached = generate(pipeline, &case, false);
+        let run = generate(pipeline.as_ref(), &case, true);
+        let uncached = generate(pipeline.as_ref(), &case, false);
         let path = data_dir()
             .join("cache")
             .join(case["output"].as_str().unwrap());

@@ -10,13 +10,19 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::max_abs_diff;
-use denoised_server::cache::hooks::{
-    AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, NoHooks, StepStats,
-    TransformerHooks,
+use std::sync::Arc;
+
+use denoised_server::cache::CacheConfig;
+use denoised_server::dit::hooks::{
+    AttentionId, BlockId, Branch, Decision, ForwardContext, StepStats, Tensors, TransformerHooks,
 };
-use denoised_server::models::flux::transformer::FluxTransformer;
+use denoised_server::dit::pipeline::{AnyPipeline, Pipeline};
+use denoised_server::dit::request::{GenerationRequest, PreviewKind};
+use denoised_server::engine::run::Denoise;
+use denoised_server::models::flux::packing::FluxLayout;
+use denoised_server::models::flux::pipeline::FluxPipeline;
+use denoised_server::models::flux::transformer::{BlockKind, FluxTransformer};
 use denoised_server::models::scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig};
-use denoised_server::pipeline::flux::{FluxPipeline, GenerateParams};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -86,18 +92,19 @@ fn model_dir(model: &Value) -> PathBuf {
     data_dir().join(str_field(model, "dir"))
 }
 
-/// Keeps every computed block output, in call order.
+/// Keeps every computed block output (hidden and text streams), in call order.
 #[derive(Default)]
 struct BlockRecorder {
     outputs: Vec<(BlockId, Tensor, Tensor)>,
 }
 
 impl TransformerHooks for BlockRecorder {
-    fn after_block(&mut self, id: &BlockId, _input: &BlockIo, output: &BlockIo) {
+    fn after_block(&mut self, id: &BlockId, _input: &Tensors, output: &Tensors) {
+        let text = id.streams.text.expect("FLUX blocks declare a text stream");
         self.outputs.push((
-            *id,
-            output.hidden.shallow_clone(),
-            output.encoder.shallow_clone(),
+            id.clone(),
+            output[id.streams.hidden].shallow_clone(),
+            output[text].shallow_clone(),
         ));
     }
 }
@@ -108,8 +115,7 @@ fn test_context() -> ForwardContext {
         num_steps: 1,
         timestep: 730.0,
         branch: Branch::Cond,
-        latent_height: 6,
-        latent_width: 10,
+        layout: Arc::new(FluxLayout { h: 6, w: 10 }),
     }
 }
 
@@ -160,14 +166,14 @@ fn transformer_forward_matches_diffusers() {
         );
         let mut worst_block = 0f64;
         for (flat, (id, hidden, encoder)) in recorder.outputs.iter().enumerate() {
-            assert_eq!(id.flat_index, flat);
+            assert_eq!(id.index, flat);
             let d = max_abs_diff(hidden, get(&reference, &format!("block{flat}.hidden"))).max(
                 max_abs_diff(encoder, get(&reference, &format!("block{flat}.encoder"))),
             );
             assert!(
                 d <= LATENT_TOLERANCE,
                 "{name}: {} differs by {d:e}",
-                id.name()
+                id.path
             );
             worst_block = worst_block.max(d);
         }
@@ -225,10 +231,11 @@ fn pipeline_matches_diffusers() {
     }
 }
 
+/// One generation through the engine's step loop without a cache, as the server runs it.
 fn check_case(pipeline: &FluxPipeline, case: &Value) {
     let name = str_field(case, "name");
     let reference = read_reference(str_field(case, "reference"));
-    let params = GenerateParams {
+    let params = GenerationRequest {
         prompt: str_field(case, "prompt").to_owned(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_owned),
         width: usize_field(case, "width"),
@@ -239,20 +246,20 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         seed: case["seed"].as_u64().unwrap(),
         max_sequence_length: usize_field(case, "max_sequence_length"),
     };
-    let mut gen = pipeline
-        .prepare(&params)
+    let dyn_pipeline: &dyn AnyPipeline = pipeline;
+    let mut run = Denoise::start(dyn_pipeline, &params, CacheConfig::None)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let latents = |run: &Denoise| dyn_pipeline.latents(run.generation());
     // The seeded noise must be exactly torch.Generator("cpu").manual_seed(seed)'s.
     assert_eq!(
-        max_abs_diff(&gen.latents(), get(&reference, "noise")),
+        max_abs_diff(&latents(&run), get(&reference, "noise")),
         0.0,
         "{name}: initial noise"
     );
     let mut worst_step = 0f64;
-    let mut hooks = NoHooks;
-    while !gen.is_done() {
-        let mut stats = StepStats::default();
-        let out = pipeline.step(&mut gen, &mut hooks, &mut stats);
+    while !run.progress(dyn_pipeline).is_done() {
+        let report = run.step(dyn_pipeline).unwrap();
+        let (out, stats) = (report.output, report.stats);
         let forwards = if params.true_cfg_scale > 1.0 && params.negative_prompt.is_some() {
             2
         } else {
@@ -264,7 +271,7 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
             out.index
         );
         let d = max_abs_diff(
-            &gen.latents(),
+            &latents(&run),
             get(&reference, &format!("step{}", out.index)),
         );
         assert!(
@@ -274,10 +281,11 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         );
         worst_step = worst_step.max(d);
     }
-    assert_eq!(gen.step_index(), params.steps);
-    let latents_diff = max_abs_diff(&gen.latents(), get(&reference, "latents"));
+    assert_eq!(run.progress(dyn_pipeline).step_index, params.steps);
+    let latents_diff = max_abs_diff(&latents(&run), get(&reference, "latents"));
 
-    let (w, h, rgb) = FluxPipeline::to_rgb8(&pipeline.decode(&gen.latents()));
+    let frames = dyn_pipeline.decode(run.generation());
+    let (w, h, rgb) = (frames.width, frames.height, &frames.frames[0]);
     assert_eq!(
         (w as usize, h as usize),
         (
@@ -286,8 +294,7 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         ),
         "{name}: image size"
     );
-    assert_eq!((gen.width(), gen.height()), (w as usize, h as usize));
-    let ours = Tensor::from_slice(&rgb).view([h as i64, w as i64, 3]);
+    let ours = Tensor::from_slice(rgb).view([h as i64, w as i64, 3]);
     let image_diff = max_abs_diff(&ours, get(&reference, "image"));
     println!(
         "pipeline {name}: final latents max|Δ| = {latents_diff:.3e} (worst step {worst_step:.3e}), \
@@ -301,9 +308,19 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         image_diff <= IMAGE_TOLERANCE,
         "{name}: image differs by {image_diff} levels"
     );
+    // Previews: the decoded prediction at image size; the latent projection at latent size.
+    let full = dyn_pipeline.preview(run.generation(), PreviewKind::FullDecode);
     assert_eq!(
-        gen.predicted_clean().size()[1],
-        pipeline.spec().latent_channels as i64
+        (full.width, full.height),
+        (w, h),
+        "{name}: full preview size"
+    );
+    let vae_scale = Pipeline::card(pipeline).size_multiple / 2;
+    let latent = dyn_pipeline.preview(run.generation(), PreviewKind::LatentRgb);
+    assert_eq!(
+        (latent.width, latent.height),
+        (w / vae_scale, h / vae_scale),
+        "{name}: latent preview size"
     );
 }
 
@@ -328,32 +345,31 @@ impl TransformerHooks for Recorder {
     fn after_forward(&mut self, _ctx: &ForwardContext, _output: &Tensor) {
         self.calls.push("after_forward".into());
     }
-    fn before_block(&mut self, id: &BlockId, input: &BlockIo) -> Decision<BlockIo> {
-        self.calls.push(format!("before_block {}", id.flat_index));
+    fn before_block(&mut self, id: &BlockId, input: &Tensors) -> Decision<Tensors> {
+        self.calls
+            .push(format!("before_block {} {}", id.index, id.path));
         if self.skip_blocks {
             Decision::Skip(input.shallow_clone())
         } else {
             Decision::Compute
         }
     }
-    fn after_block(&mut self, id: &BlockId, _input: &BlockIo, _output: &BlockIo) {
-        self.calls.push(format!("after_block {}", id.flat_index));
+    fn after_block(&mut self, id: &BlockId, _input: &Tensors, output: &Tensors) {
+        assert_eq!(output.len(), 2, "{}: [text, image] streams", id.path);
+        self.calls.push(format!("after_block {}", id.index));
     }
-    fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
-        self.calls
-            .push(format!("before_attention {}", id.attention_name()));
+    fn before_attention(&mut self, id: &AttentionId) -> Decision<Tensors> {
+        self.calls.push(format!(
+            "before_attention {} {:?} {}",
+            id.path, id.role, id.index
+        ));
         Decision::Compute
     }
-    fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
-        let joint = matches!(output, AttnOutput::Joint { .. });
-        assert_eq!(
-            joint,
-            id.kind == BlockKind::Dual,
-            "{}: attention output kind",
-            id.name()
-        );
-        self.calls
-            .push(format!("after_attention {}", id.attention_name()));
+    fn after_attention(&mut self, id: &AttentionId, output: &Tensors) {
+        // Joint attention returns image and text parts; single-stream attention one tensor.
+        let joint = id.path.starts_with("transformer_blocks.");
+        assert_eq!(output.len(), if joint { 2 } else { 1 }, "{}", id.path);
+        self.calls.push(format!("after_attention {}", id.path));
     }
     fn before_output_projection(&mut self) -> Decision<Tensor> {
         self.calls.push("before_output_projection".into());
@@ -384,14 +400,14 @@ fn hooks_see_every_module_in_order() {
     assert_eq!(out.size(), get(&reference, "output").size());
     let mut expected = vec!["before_forward Cond".to_owned()];
     for i in 0..n {
-        let attn = if i < dual {
-            format!("transformer_blocks.{i}.attn")
+        let block = if i < dual {
+            format!("transformer_blocks.{i}")
         } else {
-            format!("single_transformer_blocks.{}.attn", i - dual)
+            format!("single_transformer_blocks.{}", i - dual)
         };
-        expected.push(format!("before_block {i}"));
-        expected.push(format!("before_attention {attn}"));
-        expected.push(format!("after_attention {attn}"));
+        expected.push(format!("before_block {i} {block}"));
+        expected.push(format!("before_attention {block}.attn Spatial {i}"));
+        expected.push(format!("after_attention {block}.attn"));
         expected.push(format!("after_block {i}"));
     }
     expected.extend(
@@ -464,7 +480,7 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
         .find(|m| m["name"] == case["model"])
         .unwrap();
     let pipeline = FluxPipeline::load(&model_dir(&model), Device::Cpu, Kind::Float).unwrap();
-    let params = GenerateParams {
+    let params = GenerationRequest {
         prompt: "a cat".into(),
         negative_prompt: Some("a dog".into()),
         width: 16,
@@ -475,10 +491,10 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
         seed: 5,
         max_sequence_length: 8,
     };
-    let mut gen = pipeline.prepare(&params).unwrap();
+    let mut gen = Pipeline::prepare(&pipeline, &params).unwrap();
     let mut rec = Recorder::default();
     let mut stats = StepStats::default();
-    let out = pipeline.step(&mut gen, &mut rec, &mut stats);
+    let out = Pipeline::step(&pipeline, &mut gen, &mut rec, &mut stats);
     assert_eq!((out.index, out.total, out.sigma), (0, 2, 1.0));
     let branches: Vec<&String> = rec
         .calls
@@ -491,36 +507,35 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
     // Invalid requests name the field.
     for (params, field) in [
         (
-            GenerateParams {
+            GenerationRequest {
                 width: 2,
                 ..params.clone()
             },
             "width",
         ),
         (
-            GenerateParams {
+            GenerationRequest {
                 steps: 0,
                 ..params.clone()
             },
             "steps",
         ),
         (
-            GenerateParams {
+            GenerationRequest {
                 max_sequence_length: 513,
                 ..params.clone()
             },
             "max_sequence_length",
         ),
         (
-            GenerateParams {
+            GenerationRequest {
                 guidance: f32::NAN,
                 ..params.clone()
             },
             "guidance",
         ),
     ] {
-        let err = pipeline
-            .prepare(&params)
+        let err = Pipeline::prepare(&pipeline, &params)
             .err()
             .expect("invalid params accepted")
             .to_string();
@@ -586,8 +601,9 @@ fn unsharded_model() -> PathBuf {
     model_dir(&model)
 }
 
+/// The server's load error for a folder.
 fn load_error(dir: &Path) -> String {
-    match FluxPipeline::load(dir, Device::Cpu, Kind::Float) {
+    match denoised_server::models::load_pipeline(dir, Device::Cpu, Kind::Float) {
         Ok(_) => panic!("{} loaded despite being broken", dir.display()),
         Err(e) => e.to_string(),
     }

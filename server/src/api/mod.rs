@@ -1,5 +1,7 @@
 //! The `denoised.v1.Denoiser` gRPC service: request validation, sessions, and hand-off of
-//! generations to the engine. Handlers never touch tensors.
+//! generations to the engine. Handlers never touch tensors; only this module (and the server
+//! assembly) knows the wire types, and [`convert`] is where they meet the domain.
+pub mod convert;
 mod validate;
 
 use std::collections::HashMap;
@@ -8,16 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use denoised_proto::v1 as pb;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cache::CacheConfig;
 use crate::config::Limits;
 use crate::engine::{EngineHandle, Job};
 use crate::error::{ServiceError, ServiceResult};
-use crate::session::{NewSession, Session, SessionStore};
+use crate::session::{NewSession, SessionStore};
+use convert::cache::cache_config;
 
 pub struct DenoiserService {
     engine: EngineHandle,
@@ -70,18 +72,13 @@ impl DenoiserService {
             }
             (None, self.engine.model(&req.model)?)
         };
-        let resolved = validate::resolve_generate(
-            &req,
-            &served.info,
-            served.max_sequence_length,
-            &self.limits,
-        )?;
-        let model = &served.info;
+        let resolved = validate::resolve_generate(&req, served, &self.limits)?;
+        let model = &served.name;
         let session = match session {
             Some(s) => s,
             None => self.sessions.create(NewSession {
-                model: model.name.clone(),
-                cache: CacheConfig::from_proto(req.cache.as_ref(), "cache")?,
+                model: model.clone(),
+                cache: cache_config(req.cache.as_ref(), "cache")?,
                 idle_timeout: None,
                 labels: HashMap::from([("ephemeral".to_owned(), "true".to_owned())]),
                 ephemeral: true,
@@ -89,50 +86,31 @@ impl DenoiserService {
         };
         let guard = self.sessions.begin_generation(&session)?;
         let generation_id = uuid::Uuid::new_v4().to_string();
-        let span = tracing::info_span!("generation", %generation_id, session_id = %session.id, model = %model.name);
+        let span = tracing::info_span!("generation", %generation_id, session_id = %session.id, model = %model);
         let (tx, rx) = tokio::sync::mpsc::channel(self.engine.stream_buffer());
         self.engine.submit(Job {
             generation_id,
             guard,
-            model: model.name.clone(),
-            params: resolved.params,
+            model: model.clone(),
+            request: resolved.request,
             preview: resolved.preview,
             output_format: resolved.output_format,
             events: tx,
             span,
             received,
         })?;
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(ReceiverStream::new(rx).map(convert::event)))
     }
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
-
-fn timestamp(t: std::time::SystemTime) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp::from(t))
-}
-
-fn session_proto(s: &Session) -> pb::Session {
-    pb::Session {
-        session_id: s.id.clone(),
-        model: s.model.clone(),
-        cache: Some(s.cache().to_proto()),
-        cache_state_bytes: s.cache_bytes(),
-        generations_run: s.generations_run(),
-        generating: s.is_generating(),
-        created_at: timestamp(s.created_at),
-        last_activity: timestamp(s.last_activity()),
-        idle_timeout_seconds: s.idle_timeout.as_secs() as u32,
-        labels: s.labels.clone(),
-    }
-}
 
 /// Runs a handler body, logging failures at the level they deserve and mapping them to a status.
 fn respond<T>(result: ServiceResult<T>) -> Result<Response<T>, Status> {
     match result {
         Ok(v) => Ok(Response::new(v)),
         Err(e) => {
-            match e.code() {
+            match convert::code(&e) {
                 tonic::Code::Internal | tonic::Code::Unavailable => {
                     tracing::error!(error = %e, "request failed")
                 }
@@ -155,7 +133,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 .engine
                 .models()
                 .iter()
-                .map(|m| m.info.clone())
+                .map(convert::model_info)
                 .collect(),
         }))
     }
@@ -172,7 +150,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 return Err(ServiceError::invalid("model", "required"));
             }
             self.engine.model(&req.model)?;
-            let cache = CacheConfig::from_proto(req.cache.as_ref(), "cache")?;
+            let cache = cache_config(req.cache.as_ref(), "cache")?;
             let idle_timeout = (req.idle_timeout_seconds > 0)
                 .then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
             let session = self.sessions.create(NewSession {
@@ -183,7 +161,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 ephemeral: false,
             })?;
             tracing::info!(session_id = %session.id, "session created");
-            Ok(session_proto(&session))
+            Ok(convert::session(&session))
         })())
     }
 
@@ -196,7 +174,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         respond(
             self.session_id(id)
                 .and_then(|id| self.sessions.get(id))
-                .map(|s| session_proto(&s)),
+                .map(|s| convert::session(&s)),
         )
     }
 
@@ -210,7 +188,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 .sessions
                 .list()
                 .iter()
-                .map(|s| session_proto(s))
+                .map(|s| convert::session(s))
                 .collect(),
         }))
     }
@@ -249,14 +227,14 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         let req = req.into_inner();
         respond((|| {
             let session = self.sessions.get(self.session_id(&req.session_id)?)?;
-            let config = CacheConfig::from_proto(req.cache.as_ref(), "cache")?;
+            let config = cache_config(req.cache.as_ref(), "cache")?;
             tracing::info!(
-                strategy = config.kind().as_str_name(),
+                strategy = config.kind().name(),
                 running = session.is_generating(),
                 "cache strategy set"
             );
             session.set_cache(config);
-            Ok(session_proto(&session))
+            Ok(convert::session(&session))
         })())
     }
 
@@ -271,7 +249,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                 .and_then(|id| self.sessions.get(id))
                 .map(|s| {
                     s.reset_cache();
-                    session_proto(&s)
+                    convert::session(&s)
                 }),
         )
     }

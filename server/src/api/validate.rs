@@ -1,23 +1,26 @@
-//! Turns a `GenerateRequest` into resolved pipeline parameters, or an `INVALID_ARGUMENT` that
-//! names the field. Defaults come from the model; bounds from the limits in the config.
+//! Turns a `GenerateRequest` into the domain request, or an `INVALID_ARGUMENT` that names the
+//! field. Defaults come from the model's card; bounds from it and the limits in the config.
 use denoised_proto::v1 as pb;
 
+use super::convert::image_format;
 use crate::config::Limits;
+use crate::dit::pipeline::ModelCard;
+use crate::dit::request::{GenerationRequest, ImageFormat, PreviewKind, PreviewPlan};
+use crate::engine::ServedModel;
 use crate::error::{ServiceError, ServiceResult};
-use crate::pipeline::flux::GenerateParams;
 
 pub struct ResolvedRequest {
-    pub params: GenerateParams,
-    pub preview: pb::PreviewOptions,
-    pub output_format: pb::ImageFormat,
+    pub request: GenerationRequest,
+    pub preview: PreviewPlan,
+    pub output_format: ImageFormat,
 }
 
 pub fn resolve_generate(
     req: &pb::GenerateRequest,
-    model: &pb::ModelInfo,
-    max_sequence_length: usize,
+    served: &ServedModel,
     limits: &Limits,
 ) -> ServiceResult<ResolvedRequest> {
+    let model = &served.card;
     for (field, text) in [
         ("prompt", &req.prompt),
         ("negative_prompt", &req.negative_prompt),
@@ -29,12 +32,13 @@ pub fn resolve_generate(
             ));
         }
     }
-    if req.class_label.is_some() && model.conditioning != pb::Conditioning::ClassLabel as i32 {
+    // Every family served is text-conditioned.
+    if req.class_label.is_some() {
         return Err(ServiceError::invalid(
             "class_label",
             format!(
                 "model `{}` is text-conditioned; give a prompt instead",
-                model.name
+                served.name
             ),
         ));
     }
@@ -45,9 +49,7 @@ pub fn resolve_generate(
     } else {
         req.steps
     };
-    let max_steps = limits
-        .max_steps
-        .min(model.steps.map_or(u32::MAX, |r| r.max));
+    let max_steps = limits.max_steps.min(model.steps.1);
     if steps > max_steps {
         return Err(ServiceError::invalid(
             "steps",
@@ -61,34 +63,32 @@ pub fn resolve_generate(
     if true_cfg_scale > 1.0 && !model.supports_true_cfg {
         return Err(ServiceError::invalid(
             "true_cfg_scale",
-            format!("model `{}` does not support true CFG", model.name),
+            format!("model `{}` does not support true CFG", served.name),
         ));
     }
     let preview = req.preview.unwrap_or_default();
-    let mode = pb::PreviewMode::try_from(preview.mode).map_err(|_| {
-        ServiceError::invalid("preview.mode", format!("unknown value {}", preview.mode))
-    })?;
-    pb::ImageFormat::try_from(preview.format).map_err(|_| {
-        ServiceError::invalid(
-            "preview.format",
-            format!("unknown value {}", preview.format),
-        )
-    })?;
+    let kind = match pb::PreviewMode::try_from(preview.mode) {
+        Ok(pb::PreviewMode::Unspecified | pb::PreviewMode::None) => None,
+        Ok(pb::PreviewMode::LatentRgb) => Some(PreviewKind::LatentRgb),
+        Ok(pb::PreviewMode::FullDecode) => Some(PreviewKind::FullDecode),
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "preview.mode",
+                format!("unknown value {}", preview.mode),
+            ))
+        }
+    };
+    let preview_format = image_format(preview.format, "preview.format")?;
     if preview.max_edge > limits.max_image_edge * 2 {
         return Err(ServiceError::invalid(
             "preview.max_edge",
             format!("at most {}", limits.max_image_edge * 2),
         ));
     }
-    let output_format = pb::ImageFormat::try_from(req.output_format).map_err(|_| {
-        ServiceError::invalid(
-            "output_format",
-            format!("unknown value {}", req.output_format),
-        )
-    })?;
+    let output_format = image_format(req.output_format, "output_format")?;
     let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
     Ok(ResolvedRequest {
-        params: GenerateParams {
+        request: GenerationRequest {
             prompt: req.prompt.clone(),
             negative_prompt,
             width: width as usize,
@@ -97,16 +97,15 @@ pub fn resolve_generate(
             guidance,
             true_cfg_scale,
             seed: req.seed.unwrap_or_else(random_seed),
-            max_sequence_length,
+            max_sequence_length: model.max_sequence_length,
         },
-        preview: pb::PreviewOptions {
-            mode: mode as i32,
-            ..preview
+        preview: PreviewPlan {
+            kind,
+            every_n_steps: preview.every_n_steps,
+            format: preview_format,
+            max_edge: preview.max_edge,
         },
-        output_format: match output_format {
-            pb::ImageFormat::Jpeg => pb::ImageFormat::Jpeg,
-            _ => pb::ImageFormat::Png,
-        },
+        output_format,
     })
 }
 
@@ -116,14 +115,15 @@ fn size(
     value: u32,
     default: u32,
     field: &str,
-    model: &pb::ModelInfo,
+    model: &ModelCard,
     limits: &Limits,
 ) -> ServiceResult<u32> {
     let value = if value == 0 { default } else { value };
     let multiple = model.size_multiple.max(1);
-    let (min, max) = model.size.map_or((multiple, limits.max_image_edge), |r| {
-        (r.min.max(multiple), r.max.min(limits.max_image_edge))
-    });
+    let (min, max) = (
+        model.size.0.max(multiple),
+        model.size.1.min(limits.max_image_edge),
+    );
     if value < min || value > max {
         return Err(ServiceError::invalid(
             field,
@@ -151,30 +151,43 @@ fn random_seed() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use tch::{Device, Kind};
+
     use super::*;
 
-    fn model() -> pb::ModelInfo {
-        pb::ModelInfo {
+    fn model() -> ServedModel {
+        ServedModel {
             name: "m".into(),
-            conditioning: pb::Conditioning::Text as i32,
-            default_width: 64,
-            default_height: 64,
-            size: Some(pb::Range { min: 16, max: 1024 }),
-            size_multiple: 16,
-            default_steps: 4,
-            steps: Some(pb::Range { min: 1, max: 1000 }),
-            default_guidance: 3.5,
-            supports_true_cfg: true,
-            ..Default::default()
+            card: ModelCard {
+                family: "flux",
+                variant: "flux-dev".into(),
+                default_width: 64,
+                default_height: 64,
+                size: (16, 1024),
+                size_multiple: 16,
+                default_steps: 4,
+                steps: (1, 1000),
+                default_guidance: 3.5,
+                guidance: (0.0, 100.0),
+                guidance_embeds: true,
+                supports_true_cfg: true,
+                num_blocks: 2,
+                max_sequence_length: 32,
+                device: Device::Cpu,
+                kind: Kind::Float,
+            },
+            device: "cpu".into(),
+            dtype: "float32".into(),
+            supported_caches: vec![],
         }
     }
 
     fn field_of(req: pb::GenerateRequest) -> String {
-        match resolve_generate(&req, &model(), 32, &Limits::default()) {
+        match resolve_generate(&req, &model(), &Limits::default()) {
             Err(ServiceError::InvalidArgument { field, .. }) => field,
             other => panic!(
                 "expected InvalidArgument, got {:?}",
-                other.map(|r| r.params)
+                other.map(|r| r.request)
             ),
         }
     }
@@ -185,18 +198,32 @@ mod tests {
             &pb::GenerateRequest {
                 width: 100,
                 seed: Some(7),
+                preview: Some(pb::PreviewOptions {
+                    mode: pb::PreviewMode::LatentRgb as i32,
+                    every_n_steps: 2,
+                    format: pb::ImageFormat::Jpeg as i32,
+                    max_edge: 128,
+                }),
                 ..Default::default()
             },
             &model(),
-            32,
             &Limits::default(),
         )
         .unwrap();
-        let p = r.params;
+        let p = r.request;
         assert_eq!((p.width, p.height, p.steps, p.seed), (96, 64, 4, 7));
-        assert_eq!(p.guidance, 3.5);
-        assert_eq!(p.true_cfg_scale, 1.0);
-        assert_eq!(r.output_format, pb::ImageFormat::Png);
+        assert_eq!((p.guidance, p.true_cfg_scale), (3.5, 1.0));
+        assert_eq!(p.max_sequence_length, 32);
+        assert_eq!(r.output_format, ImageFormat::Png);
+        assert_eq!(
+            r.preview,
+            PreviewPlan {
+                kind: Some(PreviewKind::LatentRgb),
+                every_n_steps: 2,
+                format: ImageFormat::Jpeg,
+                max_edge: 128,
+            }
+        );
     }
 
     #[test]
@@ -223,6 +250,13 @@ mod tests {
                 ..Default::default()
             }))),
             "preview.mode"
+        );
+        assert_eq!(
+            field_of(req(|r| r.preview = Some(pb::PreviewOptions {
+                format: 7,
+                ..Default::default()
+            }))),
+            "preview.format"
         );
         assert_eq!(field_of(req(|r| r.output_format = 42)), "output_format");
     }

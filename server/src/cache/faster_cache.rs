@@ -1,19 +1,22 @@
-//! FasterCache (arXiv 2410.19355), as diffusers 0.42.1 implements it, adapted to FLUX's
-//! sequential true CFG.
+//! FasterCache (arXiv 2410.19355), as diffusers 0.42.1 implements it, adapted to sequential
+//! true CFG (one forward per branch, as FLUX runs it).
 //!
 //! Two parts:
 //! - **Attention extrapolation.** Every attention module keeps its last two outputs `[older,
 //!   newer]` (approximations included) and counts its calls. Inside the (strict) timestep range a
 //!   call computes only when its index is positive and a multiple of `N`; otherwise it returns
 //!   `newer + (newer - older) * w`, `w` being the config's
-//!   [`AttentionWeight`](super::config::AttentionWeight) at the current step.
+//!   [`AttentionWeight`](super::config::AttentionWeight) at the current step. Spatial
+//!   self-attention modules follow the spatial settings, temporal ones the temporal settings (not
+//!   hooked while `temporal_attention_block_skip_range` is unset); cross-attention is never
+//!   hooked, as in diffusers.
 //! - **Unconditional-branch reuse ("CFG-Cache").** diffusers skips the unconditional half of a
-//!   *batched* CFG forward. FLUX runs the conditional forward and then the unconditional one, so
-//!   here the unconditional forward itself is skipped (`before_forward`, branch `Uncond`) at step
+//!   *batched* CFG forward. With sequential CFG (the conditional forward, then the unconditional
+//!   one) the unconditional forward itself is skipped (`before_forward`, branch `Uncond`) at step
 //!   iterations `i > 0` with `i mod n_uncond != 0` inside the uncond timestep range, and rebuilt
-//!   from the same step's conditional output: in the frequency domain of the unpacked latent
-//!   `[B, C, h, w]` (`fft2` over `h, w`, shifted, low band = within radius `floor(min(h, w) / 5)`
-//!   of the centre), `uncond = cond + delta` per band, where the deltas `uncond - cond` were taken
+//!   from the same step's conditional output: in the frequency domain of the latent grid the
+//!   family's [`LatentLayout`] gives (`[B, C, h, w]` or `[B, F, C, h, w]`; `fft2` over `h, w`,
+//!   shifted, low band = within radius `floor(min(h, w) / 5)` of the centre), `uncond = cond + delta` per band, where the deltas `uncond - cond` were taken
 //!   at the last step that ran both forwards and are multiplied by the band weight (`alpha` inside
 //!   that band's timestep range, else 1) on every skipped step, compounding as in diffusers. FFTs
 //!   run in float32; the result is cast back to the output dtype.
@@ -34,13 +37,15 @@
 //! switch to FasterCache late in a generation).
 use std::collections::HashMap;
 
-use denoised_proto::v1 as pb;
 use tch::{Kind, Tensor};
 
 use super::config::{FasterCacheConfig, TimestepRange};
-use super::hooks::{AttnOutput, BlockId, Branch, Decision, ForwardContext, TransformerHooks};
-use super::{bytes_of, CacheStrategy, PerBranch};
-use crate::models::flux::packing::{pack, unpack};
+use super::{bytes_of, CacheKind, CacheStrategy, PerBranch};
+use crate::dit::hooks::{
+    AttentionId, AttentionRole, Branch, Decision, ForwardContext, Tensors, TransformerHooks,
+};
+#[cfg(doc)]
+use crate::dit::layout::LatentLayout;
 
 /// FasterCache's per-generation state and decision rules.
 #[derive(Debug)]
@@ -68,7 +73,7 @@ pub struct FasterCache {
 struct AttentionState {
     iteration: u64,
     /// `[older, newer]` outputs.
-    cache: Option<[AttnOutput; 2]>,
+    cache: Option<[Tensors; 2]>,
 }
 
 impl FasterCache {
@@ -100,10 +105,24 @@ impl FasterCache {
             || (self.branch == Branch::Cond && (!self.has_uncond || self.reuse_uncond))
     }
 
-    /// The frequency bands of a packed FLUX output, in float32.
+    /// The frequency bands of a forward's output on its latent grid, in float32.
     fn bands(output: &Tensor, ctx: &ForwardContext) -> (Tensor, Tensor) {
-        let (h, w) = (ctx.latent_height as i64, ctx.latent_width as i64);
-        split_bands(&unpack(output, h, w).to_kind(Kind::Float))
+        split_bands(&ctx.layout.to_grid(output).to_kind(Kind::Float))
+    }
+
+    /// `(N, timestep range)` for an attention module of `role`, if such modules are hooked.
+    fn settings(&self, role: AttentionRole) -> Option<(u32, TimestepRange)> {
+        let c = &self.config;
+        match role {
+            AttentionRole::Spatial => Some((
+                c.spatial_attention_block_skip_range,
+                c.spatial_attention_timestep_skip_range,
+            )),
+            AttentionRole::Temporal => c
+                .temporal_attention_block_skip_range
+                .map(|n| (n, c.temporal_attention_timestep_skip_range)),
+            AttentionRole::Cross => None,
+        }
     }
 }
 
@@ -117,16 +136,8 @@ fn band_weight(alpha: f32, range: TimestepRange, timestep: f64) -> f64 {
 }
 
 /// `newer + (newer - older) * w`, per output tensor.
-fn extrapolate(older: &AttnOutput, newer: &AttnOutput, w: f64) -> AttnOutput {
-    let step = |old: &Tensor, new: &Tensor| new + (new - old) * w;
-    let old = older.tensors();
-    match newer {
-        AttnOutput::Joint { hidden, encoder } => AttnOutput::Joint {
-            hidden: step(old[0], hidden),
-            encoder: step(old[1], encoder),
-        },
-        AttnOutput::Single(t) => AttnOutput::Single(step(old[0], t)),
-    }
+fn extrapolate(older: &Tensors, newer: &Tensors, w: f64) -> Tensors {
+    newer.zip_map(older, |new, old| new + (new - old) * w)
 }
 
 const SPATIAL_DIMS: [i64; 2] = [-2, -1];
@@ -200,7 +211,9 @@ impl TransformerHooks for FasterCache {
                         t,
                     );
                 let (low, high) = Self::bands(cond, ctx);
-                let uncond = pack(&from_bands(&((&low_delta + low) + (&high_delta + high))))
+                let uncond = ctx
+                    .layout
+                    .to_tokens(&from_bands(&((&low_delta + low) + (&high_delta + high))))
                     .to_kind(cond.kind());
                 // Stored back: consecutive reuses compound the weights, as in diffusers.
                 self.deltas = Some((low_delta, high_delta));
@@ -225,21 +238,20 @@ impl TransformerHooks for FasterCache {
         }
     }
 
-    fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
+    fn before_attention(&mut self, id: &AttentionId) -> Decision<Tensors> {
+        let Some((n, range)) = self.settings(id.role) else {
+            return Decision::Compute;
+        };
         if !self.keeps_attention() {
             return Decision::Compute;
         }
-        let n = self.config.spatial_attention_block_skip_range as u64;
-        let skip_candidate = self.extrapolates_attention()
-            && self
-                .config
-                .spatial_attention_timestep_skip_range
-                .contains(self.timestep);
+        let n = n as u64;
+        let skip_candidate = self.extrapolates_attention() && range.contains(self.timestep);
         let w = self.config.attention_weight.at(self.step, self.num_steps) as f64;
         let state = self
             .attention
             .get_mut(self.branch)
-            .entry(id.flat_index)
+            .entry(id.index)
             .or_default();
         let iteration = state.iteration;
         state.iteration += 1;
@@ -258,14 +270,14 @@ impl TransformerHooks for FasterCache {
         }
     }
 
-    fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
-        if !self.keeps_attention() {
+    fn after_attention(&mut self, id: &AttentionId, output: &Tensors) {
+        if !self.keeps_attention() || self.settings(id.role).is_none() {
             return;
         }
         let state = self
             .attention
             .get_mut(self.branch)
-            .entry(id.flat_index)
+            .entry(id.index)
             .or_default();
         state.cache = Some(match state.cache.take() {
             Some([_, newer]) => [newer, output.shallow_clone()],
@@ -275,8 +287,8 @@ impl TransformerHooks for FasterCache {
 }
 
 impl CacheStrategy for FasterCache {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::FasterCache
+    fn kind(&self) -> CacheKind {
+        CacheKind::FasterCache
     }
 
     fn state_bytes(&self) -> u64 {
@@ -288,7 +300,7 @@ impl CacheStrategy for FasterCache {
             .into_iter()
             .flat_map(|modules| modules.values())
             .filter_map(|m| m.cache.as_ref())
-            .flat_map(|[older, newer]| older.tensors().into_iter().chain(newer.tensors()))
+            .flat_map(|[older, newer]| older.iter().chain(newer.iter()))
             .filter(|t| seen.insert(t.data_ptr() as usize))
             .map(super::tensor_bytes)
             .sum();
@@ -308,9 +320,10 @@ mod tests {
 
     use super::*;
     use crate::cache::config::AttentionWeight;
-    use crate::cache::hooks::StepStats;
-    use crate::cache::test_util::{attn_decisions, ctx, single, Toy};
+    use crate::cache::test_util::{attn, attn_decisions, ctx, layout, single, Toy};
     use crate::cache::NoCache;
+    use crate::dit::hooks::StepStats;
+    use crate::dit::layout::LatentLayout;
 
     fn config(distilled: bool) -> FasterCacheConfig {
         FasterCacheConfig {
@@ -355,7 +368,7 @@ mod tests {
         c.spatial_attention_block_skip_range = 3;
         c.spatial_attention_timestep_skip_range = TimestepRange::new(-1.0, 1001.0);
         let mut fc = FasterCache::new(c);
-        let id = single(0, 1, 2);
+        let id = attn(&single(0, 1, 2));
         let mut seen = Vec::new();
         for (step, value) in [1.0f32, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]
             .into_iter()
@@ -364,10 +377,10 @@ mod tests {
             fc.before_forward(&ctx(step, 500.0, Branch::Cond));
             seen.push(match fc.before_attention(&id) {
                 Decision::Compute => {
-                    fc.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[value])));
+                    fc.after_attention(&id, &Tensors(vec![Tensor::from_slice(&[value])]));
                     value as f64
                 }
-                Decision::Predict(AttnOutput::Single(t)) => t.double_value(&[0]),
+                Decision::Predict(out) => out[0].double_value(&[0]),
                 other => panic!("unexpected {other:?}"),
             });
         }
@@ -426,10 +439,11 @@ mod tests {
                 let uncond = toy.forward(&mut fc, &ctx(step, 500.0, Branch::Uncond), &mut stats);
                 assert_eq!(stats.forwards.predicted, (step > 0) as u32);
                 // Weights compound: alpha^step on each band of the step-0 delta.
-                let (low, high) = split_bands(&unpack(&delta0, 16, 16));
+                let (low, high) = split_bands(&layout().to_grid(&delta0));
                 let weighted = low * (alpha_low as f64).powi(step as i32)
                     + high * (alpha_high as f64).powi(step as i32);
-                let expected = reference(&toy, step, Branch::Cond) + pack(&from_bands(&weighted));
+                let expected = reference(&toy, step, Branch::Cond)
+                    + layout().to_tokens(&from_bands(&weighted));
                 let err = (uncond - expected).abs().max().double_value(&[]);
                 assert!(
                     err < 1e-5,
@@ -448,7 +462,9 @@ mod tests {
         assert_eq!(mask, 2 * 3 * 13);
         assert!(from_bands(&(low + high)).allclose(&x, 1e-5, 1e-5, false));
         let packed = Tensor::randn([1, 64, 8], (Kind::Float, Device::Cpu));
-        assert!(pack(&unpack(&packed, 16, 16)).equal(&packed));
+        assert!(layout()
+            .to_tokens(&layout().to_grid(&packed))
+            .equal(&packed));
     }
 
     #[test]
@@ -457,7 +473,8 @@ mod tests {
         let mut fc = FasterCache::new(config(false));
         toy.run(&mut fc, &[1000.0], &[Branch::Cond, Branch::Uncond]);
         let cond_output = 64 * 8 * 4;
-        let deltas = 2 * (2 * 16 * 16) * 8;
+        // Two complex64 bands of the [1, 8, 8, 8] grid.
+        let deltas = 2 * (8 * 8 * 8) * 8;
         let attention = (64 + 3) * 8 * 4 + 67 * 8 * 4;
         assert_eq!(fc.state_bytes(), (cond_output + deltas + attention) as u64);
     }

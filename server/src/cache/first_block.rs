@@ -1,10 +1,11 @@
 //! First Block Cache (ParaAttention's, TeaCache-inspired), as diffusers 0.42.1 implements it.
 //!
-//! The first block always runs. Its residual `r = out.hidden - in.hidden` is compared with the
+//! The first block always runs. Its residual `r = out.hidden - in.hidden` (the block's hidden
+//! stream, as the family declares it) is compared with the
 //! residual of the last fully computed forward: when `mean|r - r_ref| / mean|r_ref| <= threshold`
 //! (evaluated in the model dtype) every later block is skipped and the forward's block output is
 //! the current head output plus the "rest of the network" residuals (tail output − head output,
-//! image and text streams) saved at that full forward. References are refreshed only on full
+//! every stream of the block) saved at that full forward. References are refreshed only on full
 //! forwards, so drift accumulates against the last one. The first forward always computes.
 //!
 //! With our hooks the head cannot rewrite its own output, so the skipped blocks pass their input
@@ -13,12 +14,11 @@
 //!
 //! State is per CFG branch, as diffusers' "cond"/"uncond" contexts. A transformer with a single
 //! block never skips (there is nothing after the head to skip; diffusers refuses it).
-use denoised_proto::v1 as pb;
 use tch::Tensor;
 
 use super::config::FirstBlockCacheConfig;
-use super::hooks::{BlockId, BlockIo, Branch, Decision, ForwardContext, TransformerHooks};
-use super::{as_typed, bytes_of, CacheStrategy, PerBranch};
+use super::{as_typed, bytes_of, CacheKind, CacheStrategy, PerBranch};
+use crate::dit::hooks::{BlockId, Branch, Decision, ForwardContext, Tensors, TransformerHooks};
 
 /// First Block Cache's per-generation state and decision rule.
 #[derive(Debug)]
@@ -31,10 +31,10 @@ pub struct FirstBlockCache {
 #[derive(Debug, Default)]
 struct State {
     /// Head output and residual at the last full forward.
-    head_output: Option<BlockIo>,
+    head_output: Option<Tensors>,
     head_residual: Option<Tensor>,
-    /// Tail output − head output at the last full forward (image and text streams).
-    tail_residuals: Option<BlockIo>,
+    /// Tail output − head output at the last full forward (every stream).
+    tail_residuals: Option<Tensors>,
     /// The forward in progress skips every block after the head.
     skipping: bool,
 }
@@ -57,23 +57,21 @@ impl TransformerHooks for FirstBlockCache {
         Decision::Compute
     }
 
-    fn before_block(&mut self, id: &BlockId, input: &BlockIo) -> Decision<BlockIo> {
+    fn before_block(&mut self, id: &BlockId, input: &Tensors) -> Decision<Tensors> {
         let state = self.states.get(self.branch);
         match (&state.tail_residuals, state.skipping && !id.is_first()) {
-            (Some(tail), true) if id.is_last() => Decision::Skip(BlockIo {
-                hidden: &tail.hidden + &input.hidden,
-                encoder: &tail.encoder + &input.encoder,
-            }),
+            (Some(tail), true) if id.is_last() => Decision::Skip(tail.zip_map(input, |r, x| r + x)),
             (_, true) => Decision::Skip(input.shallow_clone()),
             (_, false) => Decision::Compute,
         }
     }
 
-    fn after_block(&mut self, id: &BlockId, input: &BlockIo, output: &BlockIo) {
+    fn after_block(&mut self, id: &BlockId, input: &Tensors, output: &Tensors) {
         let threshold = self.threshold;
         let state = self.states.get_mut(self.branch);
         if id.is_first() {
-            let residual = &output.hidden - &input.hidden;
+            let hidden = id.streams.hidden;
+            let residual = &output[hidden] - &input[hidden];
             let similar = state.head_residual.as_ref().is_some_and(|reference| {
                 let change = (&residual - reference).abs().mean(None) / reference.abs().mean(None);
                 // Skip unless strictly above the threshold, as diffusers (which would also skip
@@ -88,18 +86,15 @@ impl TransformerHooks for FirstBlockCache {
         }
         if id.is_last() {
             if let Some(head) = &state.head_output {
-                state.tail_residuals = Some(BlockIo {
-                    hidden: &output.hidden - &head.hidden,
-                    encoder: &output.encoder - &head.encoder,
-                });
+                state.tail_residuals = Some(output.zip_map(head, |out, head| out - head));
             }
         }
     }
 }
 
 impl CacheStrategy for FirstBlockCache {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::FirstBlockCache
+    fn kind(&self) -> CacheKind {
+        CacheKind::FirstBlockCache
     }
 
     fn state_bytes(&self) -> u64 {
@@ -108,11 +103,8 @@ impl CacheStrategy for FirstBlockCache {
             .into_iter()
             .map(|s| {
                 let ios = [&s.head_output, &s.tail_residuals];
-                bytes_of(
-                    ios.into_iter()
-                        .flatten()
-                        .flat_map(|io| [Some(&io.hidden), Some(&io.encoder)]),
-                ) + bytes_of([s.head_residual.as_ref()])
+                bytes_of(ios.into_iter().flatten().flat_map(|io| io.iter().map(Some)))
+                    + bytes_of([s.head_residual.as_ref()])
             })
             .sum()
     }
@@ -121,8 +113,8 @@ impl CacheStrategy for FirstBlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::hooks::StepStats;
     use crate::cache::test_util::{ctx, Toy};
+    use crate::dit::hooks::StepStats;
 
     fn fbc(threshold: f32) -> FirstBlockCache {
         FirstBlockCache::new(FirstBlockCacheConfig { threshold })
@@ -154,34 +146,13 @@ mod tests {
             &mut StepStats::default(),
         );
         assert!(out0.equal(&full0));
-        let head0 = s
-            .states
-            .cond
-            .head_output
-            .as_ref()
-            .unwrap()
-            .hidden
-            .shallow_clone();
-        let tail_residual = s
-            .states
-            .cond
-            .tail_residuals
-            .as_ref()
-            .unwrap()
-            .hidden
-            .shallow_clone();
+        let head0 = s.states.cond.head_output.as_ref().unwrap()[0].shallow_clone();
+        let tail_residual = s.states.cond.tail_residuals.as_ref().unwrap()[0].shallow_clone();
         let mut stats = StepStats::default();
         let out1 = toy.forward(&mut s, &ctx(1, 500.0, Branch::Cond), &mut stats);
         assert_eq!((stats.blocks.computed, stats.blocks.skipped), (1, 3));
         // References stay at step 0; the output is (head output at step 1 + residual) * 0.5.
-        assert!(s
-            .states
-            .cond
-            .head_output
-            .as_ref()
-            .unwrap()
-            .hidden
-            .equal(&head0));
+        assert!(s.states.cond.head_output.as_ref().unwrap()[0].equal(&head0));
         // The toy's first block adds tanh(0.1 x) to the image stream.
         let (hidden1, _) = Toy::inputs(1, Branch::Cond);
         let head1 = &hidden1 + (&hidden1 * 0.1).tanh();

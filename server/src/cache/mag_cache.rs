@@ -6,8 +6,9 @@
 //! retention window `s >= round_half_up(retention_ratio * num_inference_steps)`, the head
 //! multiplies the accumulated ratio by `mag_ratios[s]` and adds `|1 - ratio|` to the accumulated
 //! error; while that error stays `<= threshold` and the consecutive skips `<= max_skip_steps`
-//! (and a residual exists) the whole block stack is skipped: image stream = input + the residual
-//! (last block output − first block input) of the last full forward, text stream unchanged.
+//! (and a residual exists) the whole block stack is skipped: hidden stream = input + the residual
+//! (last block output − first block input, hidden stream as the family declares it) of the last
+//! full forward, every other stream (text) unchanged.
 //! Otherwise the accumulators reset and the blocks run. Arithmetic is float32, as diffusers'
 //! 0-dim tensors. After `num_inference_steps` forwards the state resets itself.
 //!
@@ -19,12 +20,18 @@
 //! State is per CFG branch, as diffusers' "cond"/"uncond" contexts. The step index advances once
 //! per forward, also for single-block transformers (diffusers' tail hook misses skipped steps
 //! there).
-use denoised_proto::v1 as pb;
 use tch::{Kind, Tensor};
 
 use super::config::MagCacheConfig;
-use super::hooks::{BlockId, BlockIo, Branch, Decision, ForwardContext, TransformerHooks};
-use super::{as_typed, bytes_of, CacheStrategy, PerBranch};
+use super::{as_typed, bytes_of, CacheKind, CacheStrategy, PerBranch};
+use crate::dit::hooks::{BlockId, Branch, Decision, ForwardContext, Tensors, TransformerHooks};
+
+/// diffusers' `FLUX_MAG_RATIOS` (28 steps), offered as the MagCache default for FLUX models.
+pub const FLUX_MAG_RATIOS: [f32; 28] = [
+    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344,
+    0.98047, 1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047,
+    0.98828, 0.96484, 0.95703, 0.93359, 0.89062,
+];
 
 /// MagCache's per-generation state and decision rule.
 #[derive(Debug)]
@@ -162,23 +169,23 @@ impl TransformerHooks for MagCache {
         }
     }
 
-    fn before_block(&mut self, id: &BlockId, input: &BlockIo) -> Decision<BlockIo> {
+    fn before_block(&mut self, id: &BlockId, input: &Tensors) -> Decision<Tensors> {
+        let hidden = id.streams.hidden;
         if id.is_first() {
             let skipping = self.decide_skip();
             let state = self.states.get_mut(self.branch);
             state.skipping = skipping;
             if !skipping {
-                state.head_input = Some(input.hidden.shallow_clone());
+                state.head_input = Some(input[hidden].shallow_clone());
                 return Decision::Compute;
             }
             let residual = state
                 .previous_residual
                 .as_ref()
                 .expect("skipping needs a residual");
-            return Decision::Skip(BlockIo {
-                hidden: &input.hidden + residual,
-                encoder: input.encoder.shallow_clone(),
-            });
+            let mut output = input.shallow_clone();
+            output.0[hidden] = &input[hidden] + residual;
+            return Decision::Skip(output);
         }
         if self.states.get(self.branch).skipping {
             Decision::Skip(input.shallow_clone())
@@ -187,7 +194,7 @@ impl TransformerHooks for MagCache {
         }
     }
 
-    fn after_block(&mut self, id: &BlockId, _input: &BlockIo, output: &BlockIo) {
+    fn after_block(&mut self, id: &BlockId, _input: &Tensors, output: &Tensors) {
         if !id.is_last() {
             return;
         }
@@ -196,7 +203,7 @@ impl TransformerHooks for MagCache {
         let Some(head_input) = state.head_input.take() else {
             return;
         };
-        let residual = &output.hidden - head_input;
+        let residual = &output[id.streams.hidden] - head_input;
         if calibrate {
             let ratio = state
                 .previous_residual
@@ -209,8 +216,8 @@ impl TransformerHooks for MagCache {
 }
 
 impl CacheStrategy for MagCache {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::MagCache
+    fn kind(&self) -> CacheKind {
+        CacheKind::MagCache
     }
 
     fn state_bytes(&self) -> u64 {
@@ -235,9 +242,8 @@ impl CacheStrategy for MagCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::config::FLUX_MAG_RATIOS;
-    use crate::cache::hooks::{resolve, ModuleCounts};
     use crate::cache::test_util::{ctx, dual, Toy};
+    use crate::dit::hooks::{resolve, ModuleCounts};
 
     fn config(threshold: f32, steps: u32, ratios: &[f32]) -> MagCacheConfig {
         MagCacheConfig {
@@ -293,27 +299,24 @@ mod tests {
     fn doubling_forward(mc: &mut MagCache, step: usize, x: f32) -> f32 {
         let c = ctx(step, 500.0, Branch::Cond);
         assert!(matches!(mc.before_forward(&c), Decision::Compute));
-        let mut io = BlockIo {
-            hidden: Tensor::from_slice(&[x]).view([1, 1, 1]),
-            encoder: Tensor::zeros([1, 1, 1], (Kind::Float, tch::Device::Cpu)),
-        };
+        let mut io = Tensors(vec![
+            Tensor::from_slice(&[x]).view([1, 1, 1]),
+            Tensor::zeros([1, 1, 1], (Kind::Float, tch::Device::Cpu)),
+        ]);
         for i in 0..2 {
             let id = dual(i, 2);
             let (next, computed) = resolve(
                 mc.before_block(&id, &io),
                 &mut ModuleCounts::default(),
-                || BlockIo {
-                    hidden: &io.hidden * 2.0,
-                    encoder: io.encoder.shallow_clone(),
-                },
+                || Tensors(vec![&io[0] * 2.0, io[1].shallow_clone()]),
             );
             if computed {
                 mc.after_block(&id, &io, &next);
             }
             io = next;
         }
-        mc.after_forward(&c, &io.hidden);
-        io.hidden.double_value(&[0, 0, 0]) as f32
+        mc.after_forward(&c, &io[0]);
+        io[0].double_value(&[0, 0, 0]) as f32
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Training-free step caches. Strategies share the hook interface in [`hooks`]; each strategy is
-//! a small module with its config, its per-generation state and its decision rule.
+//! Training-free step caches. Strategies share the family-neutral hook interface of
+//! [`crate::dit::hooks`]; each strategy is a small module with its per-generation state and its
+//! decision rule, and none imports a model family.
 //!
 //! State ownership: model weights are shared by all sessions, but every cached tensor and counter
 //! lives in a strategy object owned by one generation of one session, on the engine thread.
@@ -17,27 +18,25 @@
 pub mod config;
 mod faster_cache;
 mod first_block;
-pub mod hooks;
 mod mag_cache;
 mod pab;
 mod taylor_seer;
 
-use denoised_proto::v1 as pb;
 use tch::Tensor;
 
-pub use config::CacheConfig;
+pub use config::{CacheConfig, CacheKind};
 pub use faster_cache::FasterCache;
 pub use first_block::FirstBlockCache;
-use hooks::{Branch, TransformerHooks};
-pub use mag_cache::MagCache;
+pub use mag_cache::{MagCache, FLUX_MAG_RATIOS};
 pub use pab::PyramidAttentionBroadcast;
 pub use taylor_seer::TaylorSeer;
 
+use crate::dit::hooks::{Branch, TransformerHooks};
 use crate::error::ServiceResult;
 
 /// A cache strategy instance: the hooks plus what the server reports about it.
 pub trait CacheStrategy: TransformerHooks + Send {
-    fn kind(&self) -> pb::CacheKind;
+    fn kind(&self) -> CacheKind;
     /// Bytes held by cached tensors right now.
     fn state_bytes(&self) -> u64;
     /// Magnitude ratios recorded by a MagCache calibration run.
@@ -53,24 +52,12 @@ pub struct NoCache;
 impl TransformerHooks for NoCache {}
 
 impl CacheStrategy for NoCache {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::None
+    fn kind(&self) -> CacheKind {
+        CacheKind::None
     }
     fn state_bytes(&self) -> u64 {
         0
     }
-}
-
-/// Strategies this build can run (every strategy of the API).
-pub fn supported_kinds() -> Vec<pb::CacheKind> {
-    vec![
-        pb::CacheKind::None,
-        pb::CacheKind::PyramidAttentionBroadcast,
-        pb::CacheKind::FasterCache,
-        pb::CacheKind::TaylorSeer,
-        pb::CacheKind::FirstBlockCache,
-        pb::CacheKind::MagCache,
-    ]
 }
 
 /// A fresh strategy (empty state) for one generation.
@@ -134,40 +121,82 @@ fn as_typed(x: f32) -> f64 {
 #[cfg(test)]
 mod test_util {
     //! Toy drivers for the strategies' unit tests.
+    use std::sync::Arc;
+
     use tch::{Device, Kind, Tensor};
 
-    use super::hooks::{
-        resolve, AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext,
-        ModuleCounts, StepStats, TransformerHooks,
+    use crate::dit::hooks::{
+        hooked_attention, resolve, AttentionId, AttentionRole, BlockId, Branch, Decision,
+        ForwardContext, ModuleCounts, StepStats, StreamRoles, Tensors, TransformerHooks,
+    };
+    use crate::dit::layout::LatentLayout;
+
+    /// The toy's block tensors: `[hidden, text]`.
+    pub const STREAMS: StreamRoles = StreamRoles {
+        hidden: 0,
+        text: Some(1),
     };
 
-    /// A context for a 16x16 latent (an 8x8 token grid).
+    /// Tokens `[B, h·w, C]` of an `h × w` grid, one token per grid cell.
+    #[derive(Debug)]
+    pub struct ToyLayout {
+        pub h: i64,
+        pub w: i64,
+    }
+
+    impl LatentLayout for ToyLayout {
+        fn to_grid(&self, tokens: &Tensor) -> Tensor {
+            let (b, _, c) = tokens.size3().unwrap();
+            tokens.view([b, self.h, self.w, c]).permute([0, 3, 1, 2])
+        }
+        fn to_tokens(&self, grid: &Tensor) -> Tensor {
+            let (b, c, h, w) = grid.size4().unwrap();
+            grid.permute([0, 2, 3, 1]).reshape([b, h * w, c])
+        }
+    }
+
+    /// The toy's layout: an 8x8 token grid.
+    pub fn layout() -> ToyLayout {
+        ToyLayout { h: 8, w: 8 }
+    }
+
+    /// A context for the toy's 8x8 token grid.
     pub fn ctx(step: usize, timestep: f64, branch: Branch) -> ForwardContext {
         ForwardContext {
             step,
             num_steps: 50,
             timestep,
             branch,
-            latent_height: 16,
-            latent_width: 16,
+            layout: Arc::new(layout()),
         }
     }
 
+    /// Block `index` of `num_blocks`, named like FLUX's dual-stream blocks.
     pub fn dual(index: usize, num_blocks: usize) -> BlockId {
         BlockId {
-            kind: BlockKind::Dual,
+            path: format!("transformer_blocks.{index}"),
             index,
-            flat_index: index,
             num_blocks,
+            streams: STREAMS,
         }
     }
 
+    /// Block `flat_index` of `num_blocks`, the `index`-th single-stream one.
     pub fn single(index: usize, flat_index: usize, num_blocks: usize) -> BlockId {
         BlockId {
-            kind: BlockKind::Single,
-            index,
-            flat_index,
+            path: format!("single_transformer_blocks.{index}"),
+            index: flat_index,
             num_blocks,
+            streams: STREAMS,
+        }
+    }
+
+    /// The attention module of a toy block (one per block).
+    pub fn attn(block: &BlockId) -> AttentionId {
+        AttentionId {
+            path: format!("{}.attn", block.path),
+            role: AttentionRole::Spatial,
+            index: block.index,
         }
     }
 
@@ -182,8 +211,8 @@ mod test_util {
     }
 
     /// A toy FLUX-shaped transformer driven through the hooks exactly as the real one is: blocks
-    /// with joint / single-stream attention, then an output projection. Hidden states are
-    /// `[1, 64, 8]` (the packed 16x16 latent of [`ctx`], 2 channels), text `[1, 3, 8]`.
+    /// with joint (two-stream) / single-stream attention, then an output projection. Hidden
+    /// states are `[1, 64, 8]` (the 8x8 grid of [`ctx`], 8 channels), text `[1, 3, 8]`.
     pub struct Toy {
         pub dual: usize,
         pub single: usize,
@@ -213,36 +242,31 @@ mod test_util {
         }
 
         fn block(
+            &self,
             hooks: &mut impl TransformerHooks,
             id: &BlockId,
-            io: &BlockIo,
+            io: &Tensors,
             counts: &mut ModuleCounts,
-        ) -> BlockIo {
-            let gain = 0.1 * (1.0 + id.flat_index as f64);
-            let (attn, computed) = resolve(hooks.before_attention(id), counts, || match id.kind {
-                BlockKind::Dual => AttnOutput::Joint {
-                    hidden: (&io.hidden * gain).tanh(),
-                    encoder: (&io.encoder * gain).tanh(),
-                },
-                BlockKind::Single => {
-                    AttnOutput::Single((Tensor::cat(&[&io.encoder, &io.hidden], 1) * gain).tanh())
+        ) -> Tensors {
+            let gain = 0.1 * (1.0 + id.index as f64);
+            let (hidden, text) = (&io[0], &io[1]);
+            let joint = id.index < self.dual;
+            let attn = hooked_attention(&attn(id), hooks, counts, || {
+                if joint {
+                    Tensors(vec![(hidden * gain).tanh(), (text * gain).tanh()])
+                } else {
+                    Tensors(vec![(Tensor::cat(&[text, hidden], 1) * gain).tanh()])
                 }
             });
-            if computed {
-                hooks.after_attention(id, &attn);
-            }
-            match attn {
-                AttnOutput::Joint { hidden, encoder } => BlockIo {
-                    hidden: &io.hidden + hidden,
-                    encoder: &io.encoder + encoder,
-                },
-                AttnOutput::Single(t) => {
-                    let text = io.encoder.size()[1];
-                    BlockIo {
-                        hidden: &io.hidden + t.narrow(1, text, t.size()[1] - text),
-                        encoder: &io.encoder + t.narrow(1, 0, text),
-                    }
-                }
+            if joint {
+                Tensors(vec![hidden + &attn[0], text + &attn[1]])
+            } else {
+                let t = &attn[0];
+                let l_txt = text.size()[1];
+                Tensors(vec![
+                    hidden + t.narrow(1, l_txt, t.size()[1] - l_txt),
+                    text + t.narrow(1, 0, l_txt),
+                ])
             }
         }
 
@@ -261,10 +285,10 @@ mod test_util {
                 output_projection,
             } = stats;
             let (out, computed) = resolve(hooks.before_forward(ctx), forwards, || {
-                let mut io = BlockIo { hidden, encoder };
+                let mut io = Tensors(vec![hidden, encoder]);
                 for id in self.ids() {
                     let (next, computed) = resolve(hooks.before_block(&id, &io), blocks, || {
-                        Self::block(hooks, &id, &io, attention)
+                        self.block(hooks, &id, &io, attention)
                     });
                     if computed {
                         hooks.after_block(&id, &io, &next);
@@ -273,7 +297,7 @@ mod test_util {
                 }
                 let (out, computed) =
                     resolve(hooks.before_output_projection(), output_projection, || {
-                        &io.hidden * 0.5
+                        &io[0] * 0.5
                     });
                 if computed {
                     hooks.after_output_projection(&out);
@@ -322,14 +346,14 @@ mod test_util {
         }
     }
 
-    /// Runs one forward per timestep with a single joint attention module whose computed output
-    /// is the step index, and returns the decision letters.
+    /// Runs one forward per timestep with a single two-output attention module whose computed
+    /// output is the step index, and returns the decision letters.
     pub fn attn_decisions(
         hooks: &mut impl TransformerHooks,
         timesteps: &[f64],
         branch: Branch,
     ) -> String {
-        let id = dual(0, 2);
+        let id = attn(&dual(0, 2));
         timesteps
             .iter()
             .enumerate()
@@ -341,13 +365,7 @@ mod test_util {
                 let d = hooks.before_attention(&id);
                 if let Decision::Compute = d {
                     let out = Tensor::from_slice(&[step as f32]);
-                    hooks.after_attention(
-                        &id,
-                        &AttnOutput::Joint {
-                            hidden: out.shallow_clone(),
-                            encoder: out,
-                        },
-                    );
+                    hooks.after_attention(&id, &Tensors(vec![out.shallow_clone(), out]));
                 }
                 letter(&d)
             })
@@ -358,52 +376,6 @@ mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::config::{FirstBlockCacheConfig, MagCacheConfig};
-
-    #[test]
-    fn every_kind_builds_with_empty_state() {
-        let configs = [
-            CacheConfig::None,
-            CacheConfig::from_proto(
-                Some(&pb::CacheConfig {
-                    strategy: Some(pb::cache_config::Strategy::PyramidAttentionBroadcast(
-                        Default::default(),
-                    )),
-                }),
-                "cache",
-            )
-            .unwrap(),
-            CacheConfig::from_proto(
-                Some(&pb::CacheConfig {
-                    strategy: Some(pb::cache_config::Strategy::FasterCache(Default::default())),
-                }),
-                "cache",
-            )
-            .unwrap(),
-            CacheConfig::from_proto(
-                Some(&pb::CacheConfig {
-                    strategy: Some(pb::cache_config::Strategy::TaylorSeer(Default::default())),
-                }),
-                "cache",
-            )
-            .unwrap(),
-            CacheConfig::FirstBlockCache(FirstBlockCacheConfig { threshold: 0.05 }),
-            CacheConfig::MagCache(MagCacheConfig {
-                threshold: 0.06,
-                max_skip_steps: 3,
-                retention_ratio: 0.2,
-                num_inference_steps: 28,
-                mag_ratios: config::FLUX_MAG_RATIOS.to_vec(),
-                calibrate: false,
-            }),
-        ];
-        for config in &configs {
-            let strategy = build_strategy(config).unwrap();
-            assert_eq!(strategy.kind(), config.kind());
-            assert_eq!(strategy.state_bytes(), 0);
-        }
-        assert_eq!(supported_kinds().len(), configs.len());
-    }
 
     #[test]
     fn typed_values_round_trip_as_decimals() {

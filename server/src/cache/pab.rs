@@ -6,50 +6,71 @@
 //! broadcast (returned verbatim, no extrapolation). The counter advances on every call, in range
 //! or not, so the phase inside the range depends on the calls before it.
 //!
-//! Module selection on FLUX: every joint and single-stream attention (`transformer_blocks.i.attn`,
-//! `single_transformer_blocks.j.attn`) is spatial self-attention in diffusers' classification,
-//! so only the spatial settings apply; FLUX has no temporal or cross-attention modules, and a
-//! config with only those ranges set hooks nothing.
+//! Module selection follows each attention module's [`AttentionRole`]: spatial, temporal and
+//! cross-attention modules use their own `(N, range)` settings, and a role whose skip range is
+//! unset is not hooked. FLUX's joint and single-stream attention (`transformer_blocks.i.attn`,
+//! `single_transformer_blocks.j.attn`) and CogVideoX's full 3D `attn1` are spatial in diffusers'
+//! classification, so only the spatial settings apply to them, and a config with only temporal or
+//! cross ranges set hooks nothing there.
 //!
 //! Divergence from diffusers: counters and caches are kept per CFG branch. diffusers keeps one
 //! counter and one cache per module for both passes of FLUX's sequential true CFG, so with `N = 2`
 //! the branch landing on a reuse call receives the *other* branch's attention output.
 use std::collections::HashMap;
 
-use denoised_proto::v1 as pb;
 use tch::Tensor;
 
 use super::config::{PyramidAttentionBroadcastConfig, TimestepRange};
-use super::hooks::{AttnOutput, BlockId, Branch, Decision, ForwardContext, TransformerHooks};
-use super::{bytes_of, CacheStrategy, PerBranch};
+use super::{bytes_of, CacheKind, CacheStrategy, PerBranch};
+use crate::dit::hooks::{
+    AttentionId, AttentionRole, Branch, Decision, ForwardContext, Tensors, TransformerHooks,
+};
 
 /// PAB's per-generation state and decision rule.
 #[derive(Debug)]
 pub struct PyramidAttentionBroadcast {
-    /// `(N, timestep range)` for FLUX's attention modules, `None` when nothing is hooked.
+    /// `(N, timestep range)` per attention role, `None` when modules of that role are not hooked.
     spatial: Option<(u32, TimestepRange)>,
+    temporal: Option<(u32, TimestepRange)>,
+    cross: Option<(u32, TimestepRange)>,
     branch: Branch,
     timestep: f64,
-    /// Per branch, per attention module (flat block index).
+    /// Per branch, per attention module (its index among the forward's attention modules).
     modules: PerBranch<HashMap<usize, ModuleState>>,
 }
 
 #[derive(Debug, Default)]
 struct ModuleState {
     iteration: u64,
-    cache: Option<AttnOutput>,
+    cache: Option<Tensors>,
 }
 
 impl PyramidAttentionBroadcast {
     /// A strategy with empty state.
     pub fn new(config: PyramidAttentionBroadcastConfig) -> Self {
+        let c = &config;
         Self {
-            spatial: config
+            spatial: c
                 .spatial_attention_block_skip_range
-                .map(|n| (n, config.spatial_attention_timestep_skip_range)),
+                .map(|n| (n, c.spatial_attention_timestep_skip_range)),
+            temporal: c
+                .temporal_attention_block_skip_range
+                .map(|n| (n, c.temporal_attention_timestep_skip_range)),
+            cross: c
+                .cross_attention_block_skip_range
+                .map(|n| (n, c.cross_attention_timestep_skip_range)),
             branch: Branch::Cond,
             timestep: 0.0,
             modules: PerBranch::default(),
+        }
+    }
+
+    /// The settings that apply to a module of `role`, if it is hooked.
+    fn settings(&self, role: AttentionRole) -> Option<(u32, TimestepRange)> {
+        match role {
+            AttentionRole::Spatial => self.spatial,
+            AttentionRole::Temporal => self.temporal,
+            AttentionRole::Cross => self.cross,
         }
     }
 }
@@ -61,14 +82,14 @@ impl TransformerHooks for PyramidAttentionBroadcast {
         Decision::Compute
     }
 
-    fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
-        let Some((n, range)) = self.spatial else {
+    fn before_attention(&mut self, id: &AttentionId) -> Decision<Tensors> {
+        let Some((n, range)) = self.settings(id.role) else {
             return Decision::Compute;
         };
         let state = self
             .modules
             .get_mut(self.branch)
-            .entry(id.flat_index)
+            .entry(id.index)
             .or_default();
         let iteration = state.iteration;
         state.iteration += 1;
@@ -84,11 +105,11 @@ impl TransformerHooks for PyramidAttentionBroadcast {
         }
     }
 
-    fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
-        if self.spatial.is_some() {
+    fn after_attention(&mut self, id: &AttentionId, output: &Tensors) {
+        if self.settings(id.role).is_some() {
             self.modules
                 .get_mut(self.branch)
-                .entry(id.flat_index)
+                .entry(id.index)
                 .or_default()
                 .cache = Some(output.shallow_clone());
         }
@@ -96,8 +117,8 @@ impl TransformerHooks for PyramidAttentionBroadcast {
 }
 
 impl CacheStrategy for PyramidAttentionBroadcast {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::PyramidAttentionBroadcast
+    fn kind(&self) -> CacheKind {
+        CacheKind::PyramidAttentionBroadcast
     }
 
     fn state_bytes(&self) -> u64 {
@@ -106,7 +127,7 @@ impl CacheStrategy for PyramidAttentionBroadcast {
             .into_iter()
             .flat_map(|modules| modules.values())
             .filter_map(|m| m.cache.as_ref())
-            .map(|cache| bytes_of(cache.tensors().into_iter().map(Some)))
+            .map(|cache| bytes_of(cache.iter().map(Some)))
             .sum()
     }
 }
@@ -116,7 +137,7 @@ mod tests {
     use tch::{Device, Kind};
 
     use super::*;
-    use crate::cache::test_util::{attn_decisions, ctx, dual, single};
+    use crate::cache::test_util::{attn, attn_decisions, ctx, dual, single};
 
     fn config(
         spatial: Option<u32>,
@@ -145,6 +166,10 @@ mod tests {
             .collect()
     }
 
+    fn one(value: f32) -> Tensors {
+        Tensors(vec![Tensor::from_slice(&[value])])
+    }
+
     #[test]
     fn schedule_follows_call_count_and_strict_range() {
         // t = 1000, 900, ..., 100; strictly inside (100, 800) for calls 3..=8; reuse at odd calls.
@@ -153,7 +178,7 @@ mod tests {
             attn_decisions(&mut s, &timesteps(10), Branch::Cond),
             "CCCRCRCRCC"
         );
-        // Temporal / cross ranges only: FLUX has no such modules, nothing is hooked.
+        // Temporal / cross ranges only: spatial modules are not hooked.
         let mut none = PyramidAttentionBroadcast::new(config(None, Some(2), (-1.0, 1001.0)));
         assert_eq!(
             attn_decisions(&mut none, &timesteps(6), Branch::Cond),
@@ -162,27 +187,49 @@ mod tests {
     }
 
     #[test]
+    fn each_role_follows_its_own_settings() {
+        // Spatial every 3rd call, temporal every 2nd; cross-attention is not hooked.
+        let mut s = PyramidAttentionBroadcast::new(config(Some(3), Some(2), (-1.0, 1001.0)));
+        let block = dual(0, 1);
+        let module = |role, index| AttentionId {
+            role,
+            index,
+            ..attn(&block)
+        };
+        let modules = [
+            module(AttentionRole::Spatial, 0),
+            module(AttentionRole::Temporal, 1),
+            module(AttentionRole::Cross, 2),
+        ];
+        let mut letters = vec![String::new(); 3];
+        for step in 0..6 {
+            s.before_forward(&ctx(step, 500.0, Branch::Cond));
+            for (m, out) in modules.iter().zip(letters.iter_mut()) {
+                let d = s.before_attention(m);
+                if let Decision::Compute = d {
+                    s.after_attention(m, &one(step as f32));
+                }
+                out.push(crate::cache::test_util::letter(&d));
+            }
+        }
+        assert_eq!(letters, ["CRRCRR", "CRCRCR", "CCCCCC"]);
+        assert!(!s.modules.cond.contains_key(&2));
+    }
+
+    #[test]
     fn reuse_returns_the_last_computed_output() {
         let mut s = pab(3, (-1.0, 1001.0));
-        let id = dual(0, 2);
+        let id = attn(&dual(0, 2));
         let mut seen = Vec::new();
         for step in 0..7 {
             s.before_forward(&ctx(step, 500.0, Branch::Cond));
             match s.before_attention(&id) {
                 Decision::Compute => {
                     let o = Tensor::from_slice(&[step as f32]);
-                    s.after_attention(
-                        &id,
-                        &AttnOutput::Joint {
-                            hidden: o.shallow_clone(),
-                            encoder: o,
-                        },
-                    );
+                    s.after_attention(&id, &Tensors(vec![o.shallow_clone(), o]));
                     seen.push(format!("C{step}"));
                 }
-                Decision::Reuse(AttnOutput::Joint { hidden, .. }) => {
-                    seen.push(format!("R{}", hidden.double_value(&[0])))
-                }
+                Decision::Reuse(out) => seen.push(format!("R{}", out[0].double_value(&[0]))),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -192,18 +239,14 @@ mod tests {
     #[test]
     fn branches_are_isolated() {
         let mut s = pab(2, (-1.0, 1001.0));
-        let id = dual(0, 2);
+        let id = attn(&dual(0, 2));
         for step in 0..4 {
             for (branch, value) in [(Branch::Cond, 1.0f32), (Branch::Uncond, -1.0)] {
                 s.before_forward(&ctx(step, 500.0, branch));
                 match s.before_attention(&id) {
-                    Decision::Compute => {
-                        s.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[value])))
-                    }
+                    Decision::Compute => s.after_attention(&id, &one(value)),
                     // A branch only ever gets its own output back.
-                    Decision::Reuse(AttnOutput::Single(t)) => {
-                        assert_eq!(t.double_value(&[0]), value as f64)
-                    }
+                    Decision::Reuse(out) => assert_eq!(out[0].double_value(&[0]), value as f64),
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -217,22 +260,24 @@ mod tests {
         let mut s = pab(2, (-1.0, 1001.0));
         assert_eq!(s.state_bytes(), 0);
         s.before_forward(&ctx(0, 500.0, Branch::Cond));
-        assert!(matches!(s.before_attention(&dual(0, 2)), Decision::Compute));
+        let joint = attn(&dual(0, 2));
+        assert!(matches!(s.before_attention(&joint), Decision::Compute));
         s.after_attention(
-            &dual(0, 2),
-            &AttnOutput::Joint {
-                hidden: Tensor::zeros([1, 4, 8], (Kind::Float, Device::Cpu)),
-                encoder: Tensor::zeros([1, 2, 8], (Kind::Float, Device::Cpu)),
-            },
+            &joint,
+            &Tensors(vec![
+                Tensor::zeros([1, 4, 8], (Kind::Float, Device::Cpu)),
+                Tensor::zeros([1, 2, 8], (Kind::Float, Device::Cpu)),
+            ]),
         );
         s.before_forward(&ctx(0, 500.0, Branch::Uncond));
-        assert!(matches!(
-            s.before_attention(&single(0, 1, 2)),
-            Decision::Compute
-        ));
+        let single = attn(&single(0, 1, 2));
+        assert!(matches!(s.before_attention(&single), Decision::Compute));
         s.after_attention(
-            &single(0, 1, 2),
-            &AttnOutput::Single(Tensor::zeros([1, 6, 8], (Kind::BFloat16, Device::Cpu))),
+            &single,
+            &Tensors(vec![Tensor::zeros(
+                [1, 6, 8],
+                (Kind::BFloat16, Device::Cpu),
+            )]),
         );
         assert_eq!(s.state_bytes(), (32 + 16) * 4 + 48 * 2);
     }

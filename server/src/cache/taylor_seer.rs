@@ -12,9 +12,9 @@
 //! (`cache_identifiers`; default: every `transformer_blocks.i.attn` and
 //! `single_transformer_blocks.j.attn`) are predicted; "inactive" ones (`skip_predict_identifiers`,
 //! winning over active) return zeros of their last shape on predicted calls. The names on offer
-//! are diffusers' module paths of what the transformer lets us intercept: blocks
-//! (`transformer_blocks.3`), their attention (`transformer_blocks.3.attn`) and the output
-//! projection (`proj_out`).
+//! are diffusers' module paths of what the transformer lets us intercept, as the family names
+//! them: blocks (`transformer_blocks.3`), their attention (`transformer_blocks.3.attn` on FLUX)
+//! and the output projection (`proj_out`).
 //!
 //! **Lite mode** predicts the model output and skips the blocks. diffusers implements it as
 //! "`proj_out` active, every block inactive": on predicted steps each block returns zeros,
@@ -34,15 +34,14 @@
 //! diffusers' "cond"/"uncond" contexts.
 use std::collections::HashMap;
 
-use denoised_proto::v1 as pb;
 use regex::Regex;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{FactorDtype, TaylorSeerConfig};
-use super::hooks::{
-    AttnOutput, BlockId, BlockIo, BlockKind, Branch, Decision, ForwardContext, TransformerHooks,
+use super::{bytes_of, CacheKind, CacheStrategy, PerBranch};
+use crate::dit::hooks::{
+    AttentionId, BlockId, Branch, Decision, ForwardContext, Tensors, TransformerHooks,
 };
-use super::{bytes_of, CacheStrategy, PerBranch};
 use crate::error::{ServiceError, ServiceResult};
 
 /// diffusers' default active patterns (attention modules).
@@ -143,7 +142,7 @@ impl ModuleState {
         schedule.computes(self.current_step) || self.last_update_step.is_none()
     }
 
-    fn update(&mut self, outputs: &[&Tensor], max_order: usize, factor_kind: Kind) {
+    fn update(&mut self, outputs: &[Tensor], max_order: usize, factor_kind: Kind) {
         self.kinds = outputs.iter().map(|t| t.kind()).collect();
         self.device = outputs[0].device();
         if self.inactive {
@@ -266,7 +265,7 @@ impl TaylorSeer {
         }
     }
 
-    fn end_call(&mut self, name: &str, outputs: &[&Tensor]) {
+    fn end_call(&mut self, name: &str, outputs: &[Tensor]) {
         let (max_order, factor_kind) = (self.max_order, self.factor_kind);
         if let Some(state) = self.modules.get_mut(self.branch).get_mut(name) {
             state.update(outputs, max_order, factor_kind);
@@ -301,7 +300,7 @@ impl TransformerHooks for TaylorSeer {
         Decision::Compute
     }
 
-    fn before_block(&mut self, id: &BlockId, input: &BlockIo) -> Decision<BlockIo> {
+    fn before_block(&mut self, id: &BlockId, input: &Tensors) -> Decision<Tensors> {
         if self.patterns.is_none() {
             return if self.lite_predicting {
                 Decision::Skip(input.shallow_clone())
@@ -309,35 +308,21 @@ impl TransformerHooks for TaylorSeer {
                 Decision::Compute
             };
         }
-        decide(self.begin_call(&id.name()), |mut outputs| {
-            let encoder = outputs.pop().expect("two outputs");
-            let hidden = outputs.pop().expect("two outputs");
-            BlockIo { hidden, encoder }
-        })
+        decide(self.begin_call(&id.path), Tensors)
     }
 
-    fn after_block(&mut self, id: &BlockId, _input: &BlockIo, output: &BlockIo) {
+    fn after_block(&mut self, id: &BlockId, _input: &Tensors, output: &Tensors) {
         if self.patterns.is_some() {
-            self.end_call(&id.name(), &[&output.hidden, &output.encoder]);
+            self.end_call(&id.path, &output.0);
         }
     }
 
-    fn before_attention(&mut self, id: &BlockId) -> Decision<AttnOutput> {
-        decide(
-            self.begin_call(&id.attention_name()),
-            |mut outputs| match id.kind {
-                BlockKind::Dual => {
-                    let encoder = outputs.pop().expect("two outputs");
-                    let hidden = outputs.pop().expect("two outputs");
-                    AttnOutput::Joint { hidden, encoder }
-                }
-                BlockKind::Single => AttnOutput::Single(outputs.pop().expect("one output")),
-            },
-        )
+    fn before_attention(&mut self, id: &AttentionId) -> Decision<Tensors> {
+        decide(self.begin_call(&id.path), Tensors)
     }
 
-    fn after_attention(&mut self, id: &BlockId, output: &AttnOutput) {
-        self.end_call(&id.attention_name(), &output.tensors());
+    fn after_attention(&mut self, id: &AttentionId, output: &Tensors) {
+        self.end_call(&id.path, &output.0);
     }
 
     fn before_output_projection(&mut self) -> Decision<Tensor> {
@@ -353,13 +338,13 @@ impl TransformerHooks for TaylorSeer {
     }
 
     fn after_output_projection(&mut self, output: &Tensor) {
-        self.end_call(PROJ_OUT, &[output]);
+        self.end_call(PROJ_OUT, std::slice::from_ref(output));
     }
 }
 
 impl CacheStrategy for TaylorSeer {
-    fn kind(&self) -> pb::CacheKind {
-        pb::CacheKind::TaylorSeer
+    fn kind(&self) -> CacheKind {
+        CacheKind::TaylorSeer
     }
 
     fn state_bytes(&self) -> u64 {
@@ -375,8 +360,8 @@ impl CacheStrategy for TaylorSeer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::hooks::StepStats;
-    use crate::cache::test_util::{attn_decisions, ctx, dual, Toy};
+    use crate::cache::test_util::{attn, attn_decisions, ctx, dual, Toy};
+    use crate::dit::hooks::StepStats;
 
     fn config(interval: u32, before: u32, after: Option<u32>, order: u32) -> TaylorSeerConfig {
         TaylorSeerConfig {
@@ -419,7 +404,7 @@ mod tests {
     /// Feeds `values[s]` as the computed output of one single-stream attention and returns what
     /// each call yields.
     fn outputs(ts: &mut TaylorSeer, values: &[f32], branch: Branch) -> Vec<f64> {
-        let id = crate::cache::test_util::single(0, 1, 2);
+        let id = attn(&crate::cache::test_util::single(0, 1, 2));
         values
             .iter()
             .enumerate()
@@ -427,10 +412,10 @@ mod tests {
                 ts.before_forward(&ctx(step, 500.0, branch));
                 match ts.before_attention(&id) {
                     Decision::Compute => {
-                        ts.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[v])));
+                        ts.after_attention(&id, &Tensors(vec![Tensor::from_slice(&[v])]));
                         v as f64
                     }
-                    Decision::Predict(AttnOutput::Single(t)) => t.double_value(&[0]),
+                    Decision::Predict(out) => out[0].double_value(&[0]),
                     other => panic!("unexpected {other:?}"),
                 }
             })
@@ -463,7 +448,7 @@ mod tests {
         let values: Vec<f32> = (0..6).map(|s| s as f32).collect();
         let negated: Vec<f32> = values.iter().map(|v| -v).collect();
         let mut ts = TaylorSeer::new(config(5, 3, None, 1)).unwrap();
-        let id = crate::cache::test_util::single(0, 1, 2);
+        let id = attn(&crate::cache::test_util::single(0, 1, 2));
         let mut cond = Vec::new();
         let mut uncond = Vec::new();
         for step in 0..6 {
@@ -474,10 +459,10 @@ mod tests {
                 ts.before_forward(&ctx(step, 500.0, branch));
                 out.push(match ts.before_attention(&id) {
                     Decision::Compute => {
-                        ts.after_attention(&id, &AttnOutput::Single(Tensor::from_slice(&[v])));
+                        ts.after_attention(&id, &Tensors(vec![Tensor::from_slice(&[v])]));
                         v as f64
                     }
-                    Decision::Predict(AttnOutput::Single(t)) => t.double_value(&[0]),
+                    Decision::Predict(out) => out[0].double_value(&[0]),
                     other => panic!("unexpected {other:?}"),
                 });
             }
@@ -512,7 +497,7 @@ mod tests {
         // attention is not hooked and computes. Step 2 is a compute step ((2-1-1) % 5 == 0).
         assert_eq!(letters, "003/111/003/");
         let id = crate::cache::test_util::single(0, 2, 3);
-        let state = &ts.modules.cond[&id.name()];
+        let state = &ts.modules.cond[&id.path];
         assert!(state.inactive && state.factors.is_empty());
         assert_eq!(state.shapes, [vec![1, 64, 8], vec![1, 3, 8]]);
         let zeros = state.predict();
@@ -567,7 +552,7 @@ mod tests {
         assert_eq!(ts.state_bytes(), 2 * ((64 + 3) * 8 + 67 * 8) * 2);
         let id = dual(0, 2);
         assert_eq!(
-            ts.modules.cond[&id.attention_name()].factors[0][1].kind(),
+            ts.modules.cond[&attn(&id).path].factors[0][1].kind(),
             Kind::BFloat16
         );
     }

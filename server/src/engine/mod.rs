@@ -7,26 +7,23 @@
 //! up with its stream) one step. Batching compatible steps of different sessions would slot in
 //! where a turn collects the generations to step.
 pub mod device;
+pub mod events;
 mod generation;
 pub mod model;
+pub mod run;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use denoised_proto::v1 as pb;
-use tokio::sync::mpsc as tokio_mpsc;
-
 use crate::config::{Config, ConfigError};
+use crate::dit::request::{GenerationRequest, ImageFormat, PreviewPlan};
 use crate::error::{ServiceError, ServiceResult};
-use crate::pipeline::flux::GenerateParams;
 use crate::session::GenerationGuard;
+pub use events::EventSender;
 use generation::Running;
-pub use model::LoadedModel;
-
-/// Events of one generation, as the gRPC stream carries them.
-pub type EventSender = tokio_mpsc::Sender<Result<pb::GenerateEvent, tonic::Status>>;
+pub use model::{LoadedModel, ServedModel};
 
 /// One generation request, validated and resolved by the API layer.
 pub struct Job {
@@ -35,9 +32,9 @@ pub struct Job {
     /// the generation) before its client sees the stream end.
     pub guard: GenerationGuard,
     pub model: String,
-    pub params: GenerateParams,
-    pub preview: pb::PreviewOptions,
-    pub output_format: pb::ImageFormat,
+    pub request: GenerationRequest,
+    pub preview: PreviewPlan,
+    pub output_format: ImageFormat,
     pub events: EventSender,
     /// The request's span: step spans are its children.
     pub span: tracing::Span,
@@ -52,14 +49,6 @@ pub enum EngineStartError {
     Model { name: String, message: String },
     #[error("the engine thread stopped during start-up")]
     Died,
-}
-
-/// What the async side knows of a loaded model.
-#[derive(Debug, Clone)]
-pub struct ServedModel {
-    pub info: pb::ModelInfo,
-    /// T5 token budget of its prompts.
-    pub max_sequence_length: usize,
 }
 
 /// The async side's handle on the engine thread.
@@ -109,13 +98,7 @@ impl EngineHandle {
                         }
                     }
                 }
-                let served = models
-                    .iter()
-                    .map(|m| ServedModel {
-                        info: m.info.clone(),
-                        max_sequence_length: m.max_sequence_length,
-                    })
-                    .collect();
+                let served = models.iter().map(|m| m.info.clone()).collect();
                 if ready_tx.send(Ok(served)).is_err() {
                     return;
                 }
@@ -145,7 +128,7 @@ impl EngineHandle {
     pub fn model(&self, name: &str) -> ServiceResult<&ServedModel> {
         self.models
             .iter()
-            .find(|m| m.info.name == name)
+            .find(|m| m.name == name)
             .ok_or_else(|| ServiceError::ModelNotFound(name.to_owned()))
     }
 
@@ -215,7 +198,7 @@ impl Engine {
         let Some(index) = self.models.iter().position(|m| m.info.name == job.model) else {
             let _ = job
                 .events
-                .try_send(Err(ServiceError::ModelNotFound(job.model.clone()).into()));
+                .try_send(Err(ServiceError::ModelNotFound(job.model.clone())));
             self.active.fetch_sub(1, Ordering::AcqRel);
             return;
         };

@@ -1,17 +1,17 @@
-//! A model loaded on the engine: the pipeline plus how the API describes it.
-use denoised_proto::v1 as pb;
+//! A model loaded on the engine: its pipeline plus how the server describes it.
+use std::path::Path;
+
 use tch::{Device, Kind};
 
 use super::device::{device_name, dtype_name};
-use crate::cache;
+use crate::cache::CacheKind;
 use crate::config::ModelEntry;
+use crate::dit::pipeline::{AnyPipeline, ModelCard};
 use crate::models::weights::read_json;
-use crate::models::Result;
-use crate::pipeline::flux::FluxPipeline;
-use crate::pipeline::preview::LatentRgb;
+use crate::models::{self, Result};
 
 /// Serving defaults a model folder may ship in `denoised.json` (diffusers ignores the file). A
-/// FLUX pipeline has no place for them: FluxPipeline defaults to 1024² whatever the model.
+/// diffusers pipeline has no place for them: FluxPipeline defaults to 1024² whatever the model.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServingDefaults {
@@ -22,7 +22,7 @@ struct ServingDefaults {
 }
 
 impl ServingDefaults {
-    fn load(dir: &std::path::Path) -> Result<Self> {
+    fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("denoised.json");
         if path.is_file() {
             read_json(&path)
@@ -32,65 +32,41 @@ impl ServingDefaults {
     }
 }
 
+/// What the async side knows of a served model.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub name: String,
+    /// The pipeline's card with the serving overrides applied.
+    pub card: ModelCard,
+    pub device: String,
+    pub dtype: String,
+    pub supported_caches: Vec<CacheKind>,
+}
+
 pub struct LoadedModel {
-    pub info: pb::ModelInfo,
-    pub pipeline: FluxPipeline,
-    pub max_sequence_length: usize,
-    pub latent_rgb: LatentRgb,
+    pub info: ServedModel,
+    pub pipeline: Box<dyn AnyPipeline>,
 }
 
 impl LoadedModel {
     pub fn load(entry: &ModelEntry, device: Device, kind: Kind) -> Result<Self> {
-        let pipeline = FluxPipeline::load(&entry.path, device, kind)?;
-        let spec = pipeline.spec();
+        let pipeline = models::load_pipeline(&entry.path, device, kind)?;
         let defaults = ServingDefaults::load(&entry.path)?;
-        let info = pb::ModelInfo {
+        let mut card = pipeline.card().clone();
+        card.default_width = defaults.width.unwrap_or(card.default_width);
+        card.default_height = defaults.height.unwrap_or(card.default_height);
+        card.default_steps = defaults.steps.unwrap_or(card.default_steps);
+        card.default_guidance = defaults.guidance.unwrap_or(card.default_guidance);
+        card.max_sequence_length = entry
+            .max_sequence_length
+            .unwrap_or(card.max_sequence_length);
+        let info = ServedModel {
             name: entry.name.clone(),
-            family: "flux".into(),
-            variant: if spec.guidance_embeds {
-                "flux-dev"
-            } else {
-                "flux-schnell"
-            }
-            .into(),
-            conditioning: pb::Conditioning::Text as i32,
-            default_width: defaults.width.unwrap_or(spec.default_width as u32),
-            default_height: defaults.height.unwrap_or(spec.default_height as u32),
-            size: Some(pb::Range {
-                min: spec.size_multiple as u32,
-                max: 2048,
-            }),
-            size_multiple: spec.size_multiple as u32,
-            default_steps: defaults
-                .steps
-                .unwrap_or(if spec.guidance_embeds { 28 } else { 4 }),
-            steps: Some(pb::Range { min: 1, max: 1000 }),
-            default_guidance: defaults.guidance.unwrap_or(if spec.guidance_embeds {
-                3.5
-            } else {
-                0.0
-            }),
-            guidance: Some(pb::FloatRange {
-                min: 0.0,
-                max: 100.0,
-            }),
-            guidance_embeds: spec.guidance_embeds,
-            supports_true_cfg: true,
-            dtype: dtype_name(kind).into(),
-            device: device_name(device),
-            supported_caches: cache::supported_kinds()
-                .into_iter()
-                .map(|k| k as i32)
-                .collect(),
-            num_blocks: (spec.num_dual_blocks + spec.num_single_blocks) as u32,
+            device: device_name(card.device),
+            dtype: dtype_name(card.kind).into(),
+            card,
+            supported_caches: CacheKind::ALL.to_vec(),
         };
-        Ok(Self {
-            info,
-            max_sequence_length: entry
-                .max_sequence_length
-                .unwrap_or_else(|| pipeline.default_max_sequence_length()),
-            latent_rgb: LatentRgb::for_channels(spec.latent_channels),
-            pipeline,
-        })
+        Ok(Self { info, pipeline })
     }
 }

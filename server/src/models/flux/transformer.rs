@@ -9,9 +9,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::FluxTransformerConfig;
 use super::embeddings::{apply_rotary_emb, rope, Linear, Rope, TimeTextEmbedding};
-use crate::cache::hooks::{
-    resolve, AttnOutput, BlockId, BlockIo, BlockKind, ForwardContext, ModuleCounts, StepStats,
-    TransformerHooks,
+use crate::dit::hooks::{
+    hooked_attention, resolve, AttentionId, AttentionRole, BlockId, ForwardContext, ModuleCounts,
+    StepStats, StreamRoles, Tensors, TransformerHooks,
 };
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
@@ -105,6 +105,23 @@ struct AddedProjections {
     to_add_out: Linear,
 }
 
+/// Which of a FLUX block's tensors is which stream: both block kinds take and return
+/// `(encoder_hidden_states, hidden_states)` (diffusers' `TransformerBlockRegistry` entries for
+/// `FluxTransformerBlock` and `FluxSingleTransformerBlock`).
+const STREAMS: StreamRoles = StreamRoles {
+    hidden: 1,
+    text: Some(0),
+};
+
+/// The two kinds of FLUX blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    /// `transformer_blocks.i`: separate image and text streams, joint attention.
+    Dual,
+    /// `single_transformer_blocks.i`: one stream over [text; image].
+    Single,
+}
+
 /// diffusers `FluxAttention` with `FluxAttnProcessor`: QK RMSNorm per head, RoPE, SDPA.
 #[derive(Debug)]
 struct Attention {
@@ -172,8 +189,9 @@ impl Attention {
     }
 
     /// Joint attention of a dual block: image `[B, L_img, D]` and text `[B, L_txt, D]` streams,
-    /// concatenated text first, attended together, split and projected back per stream.
-    fn forward_joint(&self, hidden: &Tensor, encoder: &Tensor, rope: &Rope) -> AttnOutput {
+    /// concatenated text first, attended together, split and projected back per stream; returns
+    /// `[image, text]` as diffusers' `FluxAttention` does.
+    fn forward_joint(&self, hidden: &Tensor, encoder: &Tensor, rope: &Rope) -> Tensors {
         let added = self
             .added
             .as_ref()
@@ -201,33 +219,29 @@ impl Attention {
             .to_out
             .as_ref()
             .expect("joint attention without to_out");
-        AttnOutput::Joint {
-            hidden: to_out.forward(&parts[1].contiguous()),
-            encoder: added.to_add_out.forward(&parts[0].contiguous()),
-        }
+        Tensors(vec![
+            to_out.forward(&parts[1].contiguous()),
+            added.to_add_out.forward(&parts[0].contiguous()),
+        ])
     }
 
     /// Self-attention of a single block over `[B, L_txt + L_img, D]`, without output projection.
-    fn forward_single(&self, x: &Tensor, rope: &Rope) -> AttnOutput {
+    fn forward_single(&self, x: &Tensor, rope: &Rope) -> Tensors {
         let q = self.norm_q.forward(&self.heads(self.to_q.forward(x)));
         let k = self.norm_k.forward(&self.heads(self.to_k.forward(x)));
         let v = self.heads(self.to_v.forward(x));
-        AttnOutput::Single(self.attend(q, k, v, rope))
+        Tensors(vec![self.attend(q, k, v, rope)])
     }
 }
 
-/// Asks the hooks about a block's attention, runs it if told to, and reports what was computed.
-fn hooked_attention(
-    id: &BlockId,
-    hooks: &mut dyn TransformerHooks,
-    counts: &mut ModuleCounts,
-    compute: impl FnOnce() -> AttnOutput,
-) -> AttnOutput {
-    let (out, computed) = resolve(hooks.before_attention(id), counts, compute);
-    if computed {
-        hooks.after_attention(id, &out);
-    }
-    out
+/// The hooks' names for one block and its attention module.
+#[derive(Debug)]
+struct BlockIds {
+    kind: BlockKind,
+    /// Index within its kind's list.
+    index: usize,
+    block: BlockId,
+    attention: AttentionId,
 }
 
 /// diffusers `FluxTransformerBlock` (`transformer_blocks.i`).
@@ -260,40 +274,38 @@ impl DualBlock {
 
     fn forward(
         &self,
-        id: &BlockId,
-        io: &BlockIo,
+        id: &AttentionId,
+        io: &Tensors,
         temb: &Tensor,
         rope: &Rope,
         hooks: &mut dyn TransformerHooks,
         attention_counts: &mut ModuleCounts,
-    ) -> BlockIo {
+    ) -> Tensors {
+        let (io_hidden, io_encoder) = streams(io);
         // AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
         let m = self.norm1.forward(temb);
         let c = self.norm1_context.forward(temb);
-        let norm_hidden = modulate(&io.hidden, &m[0], &m[1]);
-        let norm_encoder = modulate(&io.encoder, &c[0], &c[1]);
+        let norm_hidden = modulate(io_hidden, &m[0], &m[1]);
+        let norm_encoder = modulate(io_encoder, &c[0], &c[1]);
         let attn = hooked_attention(id, hooks, attention_counts, || {
             self.attn.forward_joint(&norm_hidden, &norm_encoder, rope)
         });
-        let AttnOutput::Joint {
-            hidden: attn_hidden,
-            encoder: attn_encoder,
-        } = attn
-        else {
-            panic!(
-                "{}: a dual block needs a joint attention output",
-                id.attention_name()
-            );
-        };
+        assert_eq!(
+            attn.len(),
+            2,
+            "{}: joint attention gives two outputs",
+            id.path
+        );
+        let (attn_hidden, attn_encoder) = (&attn[0], &attn[1]);
 
-        let hidden = &io.hidden + m[2].unsqueeze(1) * attn_hidden;
+        let hidden = io_hidden + m[2].unsqueeze(1) * attn_hidden;
         let ff = self.ff.forward(&modulate(&hidden, &m[3], &m[4]));
         let hidden = hidden + m[5].unsqueeze(1) * ff;
 
-        let encoder = &io.encoder + c[2].unsqueeze(1) * attn_encoder;
+        let encoder = io_encoder + c[2].unsqueeze(1) * attn_encoder;
         let ff = self.ff_context.forward(&modulate(&encoder, &c[3], &c[4]));
         let encoder = clip_f16(encoder + c[5].unsqueeze(1) * ff);
-        BlockIo { hidden, encoder }
+        block_io(hidden, encoder)
     }
 }
 
@@ -328,15 +340,16 @@ impl SingleBlock {
 
     fn forward(
         &self,
-        id: &BlockId,
-        io: &BlockIo,
+        id: &AttentionId,
+        io: &Tensors,
         temb: &Tensor,
         rope: &Rope,
         hooks: &mut dyn TransformerHooks,
         attention_counts: &mut ModuleCounts,
-    ) -> BlockIo {
-        let l_txt = io.encoder.size()[1];
-        let residual = Tensor::cat(&[&io.encoder, &io.hidden], 1);
+    ) -> Tensors {
+        let (io_hidden, io_encoder) = streams(io);
+        let l_txt = io_encoder.size()[1];
+        let residual = Tensor::cat(&[io_encoder, io_hidden], 1);
         // AdaLayerNormZeroSingle chunks: shift_msa, scale_msa, gate_msa.
         let m = self.norm.forward(temb);
         let norm = modulate(&residual, &m[0], &m[1]);
@@ -344,20 +357,28 @@ impl SingleBlock {
         let attn = hooked_attention(id, hooks, attention_counts, || {
             self.attn.forward_single(&norm, rope)
         });
-        let AttnOutput::Single(attn) = attn else {
-            panic!(
-                "{}: a single block needs a single-stream attention output",
-                id.attention_name()
-            );
-        };
-        let out = m[2].unsqueeze(1) * self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2));
+        assert_eq!(
+            attn.len(),
+            1,
+            "{}: single-stream attention gives one output",
+            id.path
+        );
+        let out = m[2].unsqueeze(1) * self.proj_out.forward(&Tensor::cat(&[&attn[0], &mlp], 2));
         let out = clip_f16(residual + out);
         let l_img = out.size()[1] - l_txt;
-        BlockIo {
-            encoder: out.narrow(1, 0, l_txt),
-            hidden: out.narrow(1, l_txt, l_img),
-        }
+        block_io(out.narrow(1, l_txt, l_img), out.narrow(1, 0, l_txt))
     }
+}
+
+/// `(hidden, encoder)` of a block's tensors (see [`STREAMS`]).
+fn streams(io: &Tensors) -> (&Tensor, &Tensor) {
+    let text = STREAMS.text.expect("FLUX blocks carry a text stream");
+    (&io[STREAMS.hidden], &io[text])
+}
+
+/// A block's tensors from its image and text streams, in [`STREAMS`] order.
+fn block_io(hidden: Tensor, encoder: Tensor) -> Tensors {
+    Tensors(vec![encoder, hidden])
 }
 
 /// diffusers clips f16 block outputs to the finite range to keep inf out of the residual stream.
@@ -380,6 +401,8 @@ pub struct FluxTransformer {
     time_text_embed: TimeTextEmbedding,
     dual_blocks: Vec<DualBlock>,
     single_blocks: Vec<SingleBlock>,
+    /// Every block in run order (dual, then single), as the hooks name it.
+    ids: Vec<BlockIds>,
     /// `norm_out` (`AdaLayerNormContinuous`): chunks are scale then shift.
     norm_out: Modulation,
     /// `[B, L_img, D]` -> `[B, L_img, patch² · out_ch]`.
@@ -402,7 +425,9 @@ impl FluxTransformer {
         let single_blocks = (0..config.num_single_layers)
             .map(|i| SingleBlock::load(&w, &format!("single_transformer_blocks.{i}"), &config))
             .collect::<Result<_>>()?;
+        let ids = block_ids(config.num_layers, config.num_single_layers);
         Ok(Self {
+            ids,
             x_embedder: Linear::load(&w, "x_embedder", config.in_channels, dim)?,
             context_embedder: Linear::load(
                 &w,
@@ -570,45 +595,69 @@ impl FluxTransformer {
         let ids = Tensor::cat(&[unbatch(x.txt_ids), unbatch(x.img_ids)], 0);
         let rope = rope(&ids, &self.config.axes_dims_rope);
 
-        let num_blocks = self.num_blocks();
-        let mut io = BlockIo { hidden, encoder };
-        let ids = (0..self.dual_blocks.len())
-            .map(|i| (BlockKind::Dual, i))
-            .chain((0..self.single_blocks.len()).map(|i| (BlockKind::Single, i)));
-        for (flat_index, (kind, index)) in ids.enumerate() {
-            let id = BlockId {
-                kind,
-                index,
-                flat_index,
-                num_blocks,
-            };
-            let decision = hooks.before_block(&id, &io);
+        let mut io = block_io(hidden, encoder);
+        for ids in &self.ids {
+            let (id, attn) = (&ids.block, &ids.attention);
+            let decision = hooks.before_block(id, &io);
             let attention = &mut stats.attention;
-            let (out, computed) = resolve(decision, &mut stats.blocks, || match kind {
-                BlockKind::Dual => {
-                    self.dual_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention)
-                }
-                BlockKind::Single => {
-                    self.single_blocks[index].forward(&id, &io, &temb, &rope, hooks, attention)
-                }
-            });
+            let (out, computed) =
+                resolve(decision, &mut stats.blocks, || match ids.kind {
+                    BlockKind::Dual => self.dual_blocks[ids.index]
+                        .forward(attn, &io, &temb, &rope, hooks, attention),
+                    BlockKind::Single => self.single_blocks[ids.index]
+                        .forward(attn, &io, &temb, &rope, hooks, attention),
+                });
             if computed {
-                hooks.after_block(&id, &io, &out);
+                hooks.after_block(id, &io, &out);
             }
             io = out;
         }
+        let (hidden, _) = streams(&io);
 
         let decision = hooks.before_output_projection();
         let (out, computed) = resolve(decision, &mut stats.output_projection, || {
             // AdaLayerNormContinuous: linear(silu(temb)) -> (scale, shift).
             let m = self.norm_out.forward(&temb);
-            self.proj_out.forward(&modulate(&io.hidden, &m[1], &m[0]))
+            self.proj_out.forward(&modulate(hidden, &m[1], &m[0]))
         });
         if computed {
             hooks.after_output_projection(&out);
         }
         out
     }
+}
+
+/// diffusers' module paths of `dual` joint-attention blocks then `single` single-stream blocks;
+/// every attention module is spatial self-attention in diffusers' classification.
+fn block_ids(dual: usize, single: usize) -> Vec<BlockIds> {
+    let num_blocks = dual + single;
+    let kinds = (0..dual)
+        .map(|i| (BlockKind::Dual, i, format!("transformer_blocks.{i}")))
+        .chain((0..single).map(|i| {
+            (
+                BlockKind::Single,
+                i,
+                format!("single_transformer_blocks.{i}"),
+            )
+        }));
+    kinds
+        .enumerate()
+        .map(|(position, (kind, index, path))| BlockIds {
+            kind,
+            index,
+            attention: AttentionId {
+                path: format!("{path}.attn"),
+                role: AttentionRole::Spatial,
+                index: position,
+            },
+            block: BlockId {
+                path,
+                index: position,
+                num_blocks,
+                streams: STREAMS,
+            },
+        })
+        .collect()
 }
 
 /// The tensors of one forward, bundled to keep signatures short.

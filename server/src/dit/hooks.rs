@@ -1,14 +1,22 @@
-//! The one interface between a transformer and the cache strategies.
+//! The one interface between a transformer of any family and the cache strategies.
 //!
 //! A transformer forward asks the hooks before each interceptable module whether to run it
-//! (`Decision::Compute`) or to use a tensor the strategy supplies (reused, predicted, or a
+//! (`Decision::Compute`) or to use tensors the strategy supplies (reused, predicted, or a
 //! pass-through when skipped), and reports each computed output afterwards so the strategy can
 //! update its state. Decisions are asked for instead of passing closures so that a block's own
 //! attention call can consult the hooks while the block is running.
 //!
 //! Interceptable modules, outermost first: the whole forward (one CFG branch of one step), each
-//! transformer block, each block's attention, and the output projection.
+//! transformer block, each attention module of a block, and the output projection. Modules are
+//! named by their diffusers paths and say what they are ([`BlockId`], [`AttentionId`]); a
+//! family declares once which of a block's tensors is the hidden stream and which the text
+//! stream ([`StreamRoles`], diffusers' `TransformerBlockRegistry`), so strategies never depend on
+//! a model family.
+use std::sync::Arc;
+
 use tch::Tensor;
+
+use super::layout::LatentLayout;
 
 /// Which classifier-free-guidance pass a forward belongs to. Strategies keep separate state per
 /// branch (diffusers shares PAB/FasterCache state between separately-run branches; we do not).
@@ -27,99 +35,101 @@ pub struct ForwardContext {
     /// Scheduler timestep on the 0..1000 scale (`sigma * 1000` for flow matching).
     pub timestep: f64,
     pub branch: Branch,
-    /// Height `h` of the unpacked latent, as FluxPipeline rounds it:
-    /// `2 * (height / (2 * vae_scale_factor))` (`2 * (height / 16)` for FLUX.1). The forward's
-    /// input and output are packed `[B, (h/2)(w/2), C*4]`; FasterCache unpacks them to
-    /// `[B, C, h, w]` for its frequency split.
-    pub latent_height: usize,
-    /// Width `w` of the unpacked latent, rounded like `latent_height`.
-    pub latent_width: usize,
+    /// How the forward's output tokens map to the latent grid (FasterCache splits frequencies
+    /// over the grid's spatial axes).
+    pub layout: Arc<dyn LatentLayout>,
 }
 
+/// What an attention module attends over, as diffusers classifies modules for PAB and
+/// FasterCache (`hooks/_common.py`): self-attention over space (or, in full 3D attention, over
+/// every token), over time, or cross-attention to another stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BlockKind {
-    /// FLUX `transformer_blocks.i`: separate image and text streams, joint attention.
-    Dual,
-    /// FLUX `single_transformer_blocks.i`: one stream over [text; image].
-    Single,
+pub enum AttentionRole {
+    Spatial,
+    Temporal,
+    Cross,
 }
 
-/// A transformer block's position: its own list and index, and its place among all blocks.
+/// Which of a block's tensors (inputs and outputs alike) carries which stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamRoles {
+    /// The latent (image or video) token stream.
+    pub hidden: usize,
+    /// The text token stream, for blocks that carry one.
+    pub text: Option<usize>,
+}
+
+/// A transformer block: its diffusers path and its place in the block order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlockId {
-    pub kind: BlockKind,
+    /// e.g. `transformer_blocks.3`, for regex-based module selection.
+    pub path: String,
+    /// Position in the order the forward runs its blocks.
     pub index: usize,
-    /// Position in the flattened block order (all dual blocks, then all single blocks).
-    pub flat_index: usize,
     pub num_blocks: usize,
+    pub streams: StreamRoles,
 }
 
 impl BlockId {
-    /// The module path as diffusers names it, for regex-based module selection.
-    pub fn name(&self) -> String {
-        match self.kind {
-            BlockKind::Dual => format!("transformer_blocks.{}", self.index),
-            BlockKind::Single => format!("single_transformer_blocks.{}", self.index),
-        }
-    }
-
-    pub fn attention_name(&self) -> String {
-        format!("{}.attn", self.name())
-    }
-
     pub fn is_first(&self) -> bool {
-        self.flat_index == 0
+        self.index == 0
     }
 
     pub fn is_last(&self) -> bool {
-        self.flat_index + 1 == self.num_blocks
+        self.index + 1 == self.num_blocks
     }
 }
 
-/// The two token streams entering or leaving a block.
+/// An attention module inside a block.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AttentionId {
+    /// e.g. `transformer_blocks.3.attn1`.
+    pub path: String,
+    pub role: AttentionRole,
+    /// Position among all attention modules of the forward, in call order.
+    pub index: usize,
+}
+
+/// The tensors a module takes or returns, in its family's order (see [`StreamRoles`] for
+/// blocks). Strategies that do not care which is which treat them as a list.
 #[derive(Debug)]
-pub struct BlockIo {
-    /// Image tokens `[B, L_img, D]`.
-    pub hidden: Tensor,
-    /// Text tokens `[B, L_txt, D]`.
-    pub encoder: Tensor,
-}
+pub struct Tensors(pub Vec<Tensor>);
 
-impl BlockIo {
-    /// A second handle on the same storage (no copy).
+impl Tensors {
+    /// Second handles on the same storage (no copy).
     pub fn shallow_clone(&self) -> Self {
-        Self {
-            hidden: self.hidden.shallow_clone(),
-            encoder: self.encoder.shallow_clone(),
-        }
+        Self(self.0.iter().map(Tensor::shallow_clone).collect())
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Tensor> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Applies `f` to each tensor, with the matching tensor of `other` (same order, same count).
+    pub fn zip_map(&self, other: &Tensors, f: impl Fn(&Tensor, &Tensor) -> Tensor) -> Tensors {
+        assert_eq!(self.len(), other.len(), "tensor lists of different lengths");
+        Tensors(
+            self.iter()
+                .zip(other.iter())
+                .map(|(a, b)| f(a, b))
+                .collect(),
+        )
     }
 }
 
-/// What an attention module returns.
-#[derive(Debug)]
-pub enum AttnOutput {
-    /// Dual-stream joint attention: image part `[B, L_img, D]` and text part `[B, L_txt, D]`.
-    Joint { hidden: Tensor, encoder: Tensor },
-    /// Single-stream attention over the concatenated `[B, L_txt + L_img, D]` sequence.
-    Single(Tensor),
-}
+impl std::ops::Index<usize> for Tensors {
+    type Output = Tensor;
 
-impl AttnOutput {
-    pub fn shallow_clone(&self) -> Self {
-        match self {
-            Self::Joint { hidden, encoder } => Self::Joint {
-                hidden: hidden.shallow_clone(),
-                encoder: encoder.shallow_clone(),
-            },
-            Self::Single(t) => Self::Single(t.shallow_clone()),
-        }
-    }
-
-    pub fn tensors(&self) -> Vec<&Tensor> {
-        match self {
-            Self::Joint { hidden, encoder } => vec![hidden, encoder],
-            Self::Single(t) => vec![t],
-        }
+    fn index(&self, i: usize) -> &Tensor {
+        &self.0[i]
     }
 }
 
@@ -148,17 +158,17 @@ pub trait TransformerHooks {
     }
     fn after_forward(&mut self, _ctx: &ForwardContext, _output: &Tensor) {}
 
-    fn before_block(&mut self, _id: &BlockId, _input: &BlockIo) -> Decision<BlockIo> {
+    fn before_block(&mut self, _id: &BlockId, _input: &Tensors) -> Decision<Tensors> {
         Decision::Compute
     }
-    fn after_block(&mut self, _id: &BlockId, _input: &BlockIo, _output: &BlockIo) {}
+    fn after_block(&mut self, _id: &BlockId, _input: &Tensors, _output: &Tensors) {}
 
-    fn before_attention(&mut self, _id: &BlockId) -> Decision<AttnOutput> {
+    fn before_attention(&mut self, _id: &AttentionId) -> Decision<Tensors> {
         Decision::Compute
     }
-    fn after_attention(&mut self, _id: &BlockId, _output: &AttnOutput) {}
+    fn after_attention(&mut self, _id: &AttentionId, _output: &Tensors) {}
 
-    /// The final projection to patch channels (TaylorSeer's lite mode predicts it).
+    /// The final norm and projection to patch channels (TaylorSeer's lite mode predicts it).
     fn before_output_projection(&mut self) -> Decision<Tensor> {
         Decision::Compute
     }
@@ -193,6 +203,11 @@ impl ModuleCounts {
     pub fn total(&self) -> u32 {
         self.computed + self.reused + self.predicted + self.skipped
     }
+
+    /// Modules that did not run.
+    pub fn not_computed(&self) -> u32 {
+        self.total() - self.computed
+    }
 }
 
 /// What the cache did during one denoising step (all CFG branches together). The transformer
@@ -226,4 +241,18 @@ pub fn resolve<T>(
         Decision::Compute => (compute(), true),
         Decision::Reuse(v) | Decision::Predict(v) | Decision::Skip(v) => (v, false),
     }
+}
+
+/// Asks the hooks about an attention module, runs it if told to, and reports what was computed.
+pub fn hooked_attention(
+    id: &AttentionId,
+    hooks: &mut dyn TransformerHooks,
+    counts: &mut ModuleCounts,
+    compute: impl FnOnce() -> Tensors,
+) -> Tensors {
+    let (out, computed) = resolve(hooks.before_attention(id), counts, compute);
+    if computed {
+        hooks.after_attention(id, &out);
+    }
+    out
 }

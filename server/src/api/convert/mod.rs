@@ -1,0 +1,223 @@
+//! The one boundary between the wire (generated proto types, `tonic::Status`) and the domain:
+//! wire → domain conversions that validate, domain → wire conversions for replies and stream
+//! events, and the exhaustive mapping of service errors to statuses.
+pub mod cache;
+
+use denoised_proto::v1 as pb;
+use tonic::{Code, Status};
+
+use crate::dit::hooks::ModuleCounts;
+use crate::dit::request::ImageFormat;
+use crate::engine::events::{self, Event};
+use crate::engine::ServedModel;
+use crate::error::ServiceError;
+use crate::media::EncodedImage;
+use crate::models::ModelError;
+use crate::session::Session;
+
+/// The status code a service error maps to.
+pub fn code(e: &ServiceError) -> Code {
+    match e {
+        ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+        ServiceError::SessionNotFound(_) | ServiceError::ModelNotFound(_) => Code::NotFound,
+        ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
+        ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ServiceError::Cancelled => Code::Cancelled,
+        ServiceError::EngineStopped => Code::Unavailable,
+        // Input the model rejects (e.g. a prompt the tokenizer cannot take) is the caller's.
+        ServiceError::Model(ModelError::InvalidInput { .. }) => Code::InvalidArgument,
+        ServiceError::Model(_) | ServiceError::Internal(_) => Code::Internal,
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let message = match &e {
+            // Name the field the way the request spells it.
+            ServiceError::Model(ModelError::InvalidInput { field, message }) => {
+                format!("invalid `{field}`: {message}")
+            }
+            other => other.to_string(),
+        };
+        Status::new(code(&e), message)
+    }
+}
+
+pub fn model_info(m: &ServedModel) -> pb::ModelInfo {
+    let c = &m.card;
+    pb::ModelInfo {
+        name: m.name.clone(),
+        family: c.family.into(),
+        variant: c.variant.clone(),
+        conditioning: pb::Conditioning::Text as i32,
+        default_width: c.default_width,
+        default_height: c.default_height,
+        size: Some(pb::Range {
+            min: c.size.0,
+            max: c.size.1,
+        }),
+        size_multiple: c.size_multiple,
+        default_steps: c.default_steps,
+        steps: Some(pb::Range {
+            min: c.steps.0,
+            max: c.steps.1,
+        }),
+        default_guidance: c.default_guidance,
+        guidance: Some(pb::FloatRange {
+            min: c.guidance.0,
+            max: c.guidance.1,
+        }),
+        guidance_embeds: c.guidance_embeds,
+        supports_true_cfg: c.supports_true_cfg,
+        dtype: m.dtype.clone(),
+        device: m.device.clone(),
+        supported_caches: m
+            .supported_caches
+            .iter()
+            .map(|&k| cache::cache_kind(k) as i32)
+            .collect(),
+        num_blocks: c.num_blocks,
+    }
+}
+
+pub fn session(s: &Session) -> pb::Session {
+    let timestamp = |t: std::time::SystemTime| Some(prost_types::Timestamp::from(t));
+    pb::Session {
+        session_id: s.id.clone(),
+        model: s.model.clone(),
+        cache: Some(cache::cache_config_to_wire(&s.cache())),
+        cache_state_bytes: s.cache_bytes(),
+        generations_run: s.generations_run(),
+        generating: s.is_generating(),
+        created_at: timestamp(s.created_at),
+        last_activity: timestamp(s.last_activity()),
+        idle_timeout_seconds: s.idle_timeout.as_secs() as u32,
+        labels: s.labels.clone(),
+    }
+}
+
+/// The wire image format (unspecified means PNG); `field` names it in the error.
+pub fn image_format(value: i32, field: &str) -> Result<ImageFormat, ServiceError> {
+    match pb::ImageFormat::try_from(value) {
+        Ok(pb::ImageFormat::Unspecified | pb::ImageFormat::Png) => Ok(ImageFormat::Png),
+        Ok(pb::ImageFormat::Jpeg) => Ok(ImageFormat::Jpeg),
+        Err(_) => Err(ServiceError::invalid(
+            field,
+            format!("unknown value {value}"),
+        )),
+    }
+}
+
+fn image(i: EncodedImage) -> pb::Image {
+    pb::Image {
+        format: match i.format {
+            ImageFormat::Png => pb::ImageFormat::Png,
+            ImageFormat::Jpeg => pb::ImageFormat::Jpeg,
+        } as i32,
+        width: i.width,
+        height: i.height,
+        data: i.data,
+    }
+}
+
+fn counts(c: &ModuleCounts) -> pb::ModuleCounts {
+    pb::ModuleCounts {
+        computed: c.computed,
+        reused: c.reused,
+        predicted: c.predicted,
+        skipped: c.skipped,
+    }
+}
+
+/// A generation's stream item on the wire.
+pub fn event(e: Result<Event, ServiceError>) -> Result<pb::GenerateEvent, Status> {
+    use pb::generate_event::Event as Wire;
+    let wire = match e? {
+        Event::Started(s) => Wire::Started(started(s)),
+        Event::Step(s) => Wire::Step(step(s)),
+        Event::Completed(c) => Wire::Completed(completed(c)),
+    };
+    Ok(pb::GenerateEvent { event: Some(wire) })
+}
+
+fn started(s: events::Started) -> pb::Started {
+    let r = s.request;
+    pb::Started {
+        generation_id: s.generation_id,
+        session_id: s.session_id,
+        settings: Some(pb::ResolvedSettings {
+            model: s.model,
+            prompt: r.prompt,
+            negative_prompt: r.negative_prompt.unwrap_or_default(),
+            width: r.width as u32,
+            height: r.height as u32,
+            steps: r.steps as u32,
+            guidance: r.guidance,
+            true_cfg_scale: r.true_cfg_scale,
+            seed: r.seed,
+            cache: Some(cache::cache_config_to_wire(&s.cache)),
+            device: s.device,
+            dtype: s.dtype,
+        }),
+        setup_ms: s.setup_ms,
+    }
+}
+
+fn step(s: events::Step) -> pb::Step {
+    let c = s.cache;
+    pb::Step {
+        index: s.index,
+        total: s.total,
+        timestep: s.timestep,
+        sigma: s.sigma,
+        cache: Some(pb::CacheActivity {
+            strategy: cache::cache_kind(c.strategy) as i32,
+            blocks: Some(counts(&c.blocks)),
+            attention: Some(counts(&c.attention)),
+            full_compute: c.full_compute,
+            strategy_step: c.strategy_step,
+            cache_state_bytes: c.cache_state_bytes,
+            strategy_switched: c.strategy_switched,
+            cache_reset: c.cache_reset,
+        }),
+        step_ms: s.step_ms,
+        preview: s.preview.map(image),
+    }
+}
+
+fn completed(c: events::Completed) -> pb::Completed {
+    pb::Completed {
+        generation_id: c.generation_id,
+        image: Some(image(c.image)),
+        total_ms: c.total_ms,
+        denoise_ms: c.denoise_ms,
+        decode_ms: c.decode_ms,
+        steps: c.steps,
+        full_compute_steps: c.full_compute_steps,
+        cache_hit_ratio: c.cache_hit_ratio,
+        estimated_flops_saved: c.estimated_flops_saved,
+        estimated_flops_total: c.estimated_flops_total,
+        calibrated_mag_ratios: c.calibrated_mag_ratios,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_codes_and_name_the_field() {
+        let s: Status = ServiceError::invalid("width", "must be at least 16").into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("`width`"));
+        let s: Status = ServiceError::SessionNotFound("abc".into()).into();
+        assert_eq!(s.code(), Code::NotFound);
+        let s: Status = ServiceError::Model(ModelError::invalid_input("prompt", "too long")).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("`prompt`"));
+        assert_eq!(
+            event(Err(ServiceError::Cancelled)).unwrap_err().code(),
+            Code::Cancelled
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! One generation's denoising with its cache strategy: the step loop's body, which the engine,
+//! the parity tests and the benchmark all drive (there is no other copy of it).
+//!
+//! A [`Denoise`] owns the pipeline's generation state and the session's strategy instance (its
+//! cached tensors); strategy switches and resets are applied between steps, and every step's
+//! decisions, state size and estimated FLOPs are reported and totalled.
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use crate::cache::{self, CacheConfig, CacheStrategy};
+use crate::dit::hooks::StepStats;
+use crate::dit::pipeline::{AnyPipeline, Generation, Progress, StepCost, StepOutput};
+use crate::dit::request::GenerationRequest;
+use crate::error::{ServiceError, ServiceResult};
+
+/// A change of cache strategy, applied at the next step boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheChange {
+    /// A fresh strategy of another (or the same) configuration.
+    Switch(CacheConfig),
+    /// The same configuration with empty state.
+    Reset,
+}
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub output: StepOutput,
+    pub stats: StepStats,
+    pub cost: StepCost,
+    /// Bytes the strategy holds after the step.
+    pub state_bytes: u64,
+    /// Steps run by the current strategy since it was created (start, switch or reset), this
+    /// one included.
+    pub strategy_step: u32,
+    /// A switch / reset took effect before this step.
+    pub switched: bool,
+    pub reset: bool,
+    pub elapsed: Duration,
+}
+
+/// Running totals over a generation's steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    pub full_compute_steps: u32,
+    pub blocks: u32,
+    pub blocks_computed: u32,
+    pub flops_total: f64,
+    pub flops_saved: f64,
+}
+
+impl Totals {
+    /// Fraction of blocks not computed.
+    pub fn cache_hit_ratio(&self) -> f32 {
+        if self.blocks == 0 {
+            0.0
+        } else {
+            (self.blocks - self.blocks_computed) as f32 / self.blocks as f32
+        }
+    }
+}
+
+/// A generation in progress with its cache strategy.
+pub struct Denoise {
+    generation: Generation,
+    strategy: Box<dyn CacheStrategy>,
+    config: CacheConfig,
+    strategy_step: u32,
+    /// A switch / reset took effect since the last step (reported with the next one).
+    switched: bool,
+    reset: bool,
+    totals: Totals,
+}
+
+impl Denoise {
+    /// Prepares the generation (prompt encoding, noise, schedule) and a fresh strategy.
+    pub fn start(
+        pipeline: &dyn AnyPipeline,
+        request: &GenerationRequest,
+        config: CacheConfig,
+    ) -> ServiceResult<Self> {
+        let strategy = cache::build_strategy(&config)?;
+        let generation = guarded("prompt encoding", || pipeline.prepare(request))??;
+        Ok(Self {
+            generation,
+            strategy,
+            config,
+            strategy_step: 0,
+            switched: false,
+            reset: false,
+            totals: Totals::default(),
+        })
+    }
+
+    /// The strategy configuration in effect.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn strategy(&self) -> &dyn CacheStrategy {
+        self.strategy.as_ref()
+    }
+
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    pub fn progress(&self, pipeline: &dyn AnyPipeline) -> Progress {
+        pipeline.progress(&self.generation)
+    }
+
+    /// Replaces the strategy before the next step: either way it restarts with empty state and
+    /// its own step counter at 0.
+    pub fn change_cache(&mut self, change: CacheChange) -> ServiceResult<()> {
+        match change {
+            CacheChange::Switch(config) => {
+                self.strategy = cache::build_strategy(&config)?;
+                self.config = config;
+                self.switched = true;
+            }
+            CacheChange::Reset => {
+                self.strategy = cache::build_strategy(&self.config)?;
+                self.reset = true;
+            }
+        }
+        self.strategy_step = 0;
+        Ok(())
+    }
+
+    /// Runs the next step through the strategy. A libtorch panic (shape error, out of memory…)
+    /// becomes an error for this generation only.
+    pub fn step(&mut self, pipeline: &dyn AnyPipeline) -> ServiceResult<StepReport> {
+        let started = Instant::now();
+        let mut stats = StepStats::default();
+        let (generation, strategy) = (&mut self.generation, self.strategy.as_mut());
+        let output = guarded("denoising step", || {
+            pipeline.step(generation, strategy, &mut stats)
+        })?;
+        let elapsed = started.elapsed();
+        self.strategy_step += 1;
+        let cost = pipeline.step_cost(&self.generation, &stats);
+        let t = &mut self.totals;
+        t.flops_total += cost.total;
+        t.flops_saved += cost.saved;
+        t.blocks += stats.blocks.total();
+        t.blocks_computed += stats.blocks.computed;
+        if stats.full_compute() {
+            t.full_compute_steps += 1;
+        }
+        Ok(StepReport {
+            output,
+            stats,
+            cost,
+            state_bytes: self.strategy.state_bytes(),
+            strategy_step: self.strategy_step,
+            switched: std::mem::take(&mut self.switched),
+            reset: std::mem::take(&mut self.reset),
+            elapsed,
+        })
+    }
+}
+
+/// Runs `f`, turning a panic (libtorch reports shape errors and out-of-memory as panics) into a
+/// service error for this generation only.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> ServiceResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        tracing::error!(%message, "{what} failed");
+        if message.contains("out of memory") {
+            ServiceError::ResourceExhausted(format!("{what}: out of device memory"))
+        } else {
+            ServiceError::Internal(format!("{what} failed: {message}"))
+        }
+    })
+}

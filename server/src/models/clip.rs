@@ -6,6 +6,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use super::error::{ModelError, Result};
+use super::nn::{LayerNorm, Linear};
 use super::weights::{read_json, Weights};
 
 /// Model classes whose `config.json` describes a CLIP text tower with `text_model.*` weights.
@@ -139,45 +140,6 @@ impl Activation {
             Self::Gelu => xs.gelu("none"),
             Self::GeluTanh => xs.gelu("tanh"),
         }
-    }
-}
-
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn load(w: &Weights, name: &str, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[out_dim, in_dim])?,
-            bias: w.get(&format!("{name}.bias"), &[out_dim])?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, Some(&self.bias))
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, name: &str, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
-            bias: w.get(&format!("{name}.bias"), &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        let dim = self.weight.size()[0];
-        xs.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
 }
 

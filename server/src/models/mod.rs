@@ -1,7 +1,9 @@
 //! Model code: one file per model part, weights mapped once by their diffusers names.
 pub mod clip;
+pub mod cogvideox;
 pub mod error;
 pub mod flux;
+pub mod nn;
 pub mod pixels;
 pub mod scheduler;
 pub mod t5;

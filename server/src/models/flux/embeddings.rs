@@ -1,10 +1,11 @@
-//! FLUX conditioning embeddings: sinusoidal timestep projection, the timestep / guidance / pooled
-//! text MLPs summed into `temb`, and the 3-axis rotary position embedding.
+//! FLUX conditioning embeddings: the timestep / guidance / pooled text MLPs summed into `temb`,
+//! and the 3-axis rotary position embedding.
 //!
 //! Every op mirrors diffusers (`models/embeddings.py`) one for one, including the dtypes it computes
 //! in, so that fp32 CPU runs agree to the last few ulps.
 use tch::{Device, Kind, Tensor};
 
+use crate::models::nn::{timestep_projection, Rope, TimestepEmbedding};
 use crate::models::weights::Weights;
 use crate::models::Result;
 
@@ -13,68 +14,6 @@ pub const TIMESTEP_PROJ_DIM: i64 = 256;
 
 /// RoPE base frequency of `FluxPosEmbed`.
 const ROPE_THETA: f64 = 10000.0;
-
-/// A `nn.Linear` with bias: `weight [out, in]`, `bias [out]` (every FLUX linear has one).
-#[derive(Debug)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    /// Loads `{prefix}.weight` (checked as `[out_dim, in_dim]`) and `{prefix}.bias`.
-    pub fn load(w: &Weights, prefix: &str, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: w.get(&format!("{prefix}.bias"), &[out_dim])?,
-        })
-    }
-
-    /// `x W^T + b` over the last dim.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, Some(&self.bias))
-    }
-}
-
-/// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`:
-/// `[N]` timesteps (any float dtype) to `[N, dim]` f32 `[cos | sin]` features.
-pub fn timestep_projection(timesteps: &Tensor, dim: i64) -> Tensor {
-    let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, timesteps.device())) * (-(10000f64.ln()));
-    // `exponent / (half_dim - downscale_freq_shift)` with a shift of 0.
-    let exponent = exponent / (half as f64);
-    let freqs = exponent.exp();
-    let emb = timesteps.unsqueeze(1).to_kind(Kind::Float) * freqs.unsqueeze(0);
-    // `scale * emb` with scale 1 is exact and skipped; flip_sin_to_cos puts cos first.
-    let emb = Tensor::cat(&[emb.cos(), emb.sin()], -1);
-    if dim % 2 == 1 {
-        emb.constant_pad_nd([0, 1, 0, 0])
-    } else {
-        emb
-    }
-}
-
-/// diffusers `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
-#[derive(Debug)]
-pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl TimestepEmbedding {
-    /// Loads `{prefix}.linear_1` (`in_dim -> dim`) and `{prefix}.linear_2` (`dim -> dim`).
-    pub fn load(w: &Weights, prefix: &str, in_dim: i64, dim: i64) -> Result<Self> {
-        Ok(Self {
-            linear_1: Linear::load(w, &format!("{prefix}.linear_1"), in_dim, dim)?,
-            linear_2: Linear::load(w, &format!("{prefix}.linear_2"), dim, dim)?,
-        })
-    }
-
-    /// `[N, in_dim]` -> `[N, dim]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(x).silu())
-    }
-}
 
 /// diffusers `CombinedTimestepTextProjEmbeddings` (schnell) and
 /// `CombinedTimestepGuidanceTextProjEmbeddings` (dev, with `guidance_embedder`): the `temb` vector
@@ -146,15 +85,6 @@ impl TimeTextEmbedding {
     }
 }
 
-/// Rotary embedding tables `(cos, sin)`, each `[S, head_dim]` f32 (diffusers `FluxPosEmbed`).
-#[derive(Debug)]
-pub struct Rope {
-    /// `cos(angle)`, each angle repeated for the two entries of its pair.
-    pub cos: Tensor,
-    /// `sin(angle)`, likewise.
-    pub sin: Tensor,
-}
-
 /// diffusers `FluxPosEmbed(theta=10000, axes_dim)` on `ids [S, 3]`: per axis, frequencies in f64
 /// (f32 on MPS, which has no f64), each repeated twice (interleaved), axes concatenated.
 pub fn rope(ids: &Tensor, axes_dims: &[i64]) -> Rope {
@@ -192,37 +122,10 @@ pub fn rope(ids: &Tensor, axes_dims: &[i64]) -> Rope {
     }
 }
 
-/// diffusers `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1,
-/// sequence_dim=1)` on `x [B, S, H, D]`: pairs `(x[2i], x[2i+1])` rotate by the position angle,
-/// computed in f32 and cast back to `x`'s dtype.
-pub fn apply_rotary_emb(x: &Tensor, rope: &Rope) -> Tensor {
-    let cos = rope.cos.unsqueeze(0).unsqueeze(2); // [1, S, 1, D]
-    let sin = rope.sin.unsqueeze(0).unsqueeze(2);
-    let size = x.size();
-    let mut paired = size[..size.len() - 1].to_vec();
-    paired.extend([-1, 2]);
-    let halves = x.reshape(&paired).unbind(-1); // [B, S, H, D/2] twice
-    let (real, imag) = (&halves[0], &halves[1]);
-    let rotated = Tensor::stack(&[imag.neg(), real.shallow_clone()], -1).flatten(3, -1);
-    (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestep_projection_starts_with_cos() {
-        let t = Tensor::from_slice(&[0f32, 500.0]);
-        let emb = timestep_projection(&t, 8);
-        assert_eq!(emb.size(), [2, 8]);
-        // t = 0: cos = 1 for every frequency, sin = 0.
-        let first: Vec<f32> = Vec::try_from(emb.get(0)).unwrap();
-        assert_eq!(first, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
-        // The first frequency is 1: cos(500), sin(500).
-        let second: Vec<f32> = Vec::try_from(emb.get(1)).unwrap();
-        assert!((second[0] - 500f32.cos()).abs() < 1e-4 && (second[4] - 500f32.sin()).abs() < 1e-4);
-    }
+    use crate::models::nn::apply_rotary_emb;
 
     #[test]
     fn rope_rotates_pairs_by_position() {

@@ -8,11 +8,12 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::config::FluxTransformerConfig;
-use super::embeddings::{apply_rotary_emb, rope, Linear, Rope, TimeTextEmbedding};
+use super::embeddings::{rope, TimeTextEmbedding};
 use crate::dit::hooks::{
     hooked_attention, resolve, AttentionId, AttentionRole, BlockId, ForwardContext, ModuleCounts,
     StepStats, StreamRoles, Tensors, TransformerHooks,
 };
+use crate::models::nn::{apply_rotary_emb, FeedForward, Linear, Rope};
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
 
@@ -71,27 +72,6 @@ impl Modulation {
 /// `norm(x) * (1 + scale[:, None]) + shift[:, None]`.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     layer_norm(x) * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
-}
-
-/// diffusers `FeedForward(dim, dim_out=dim, activation_fn="gelu-approximate")`:
-/// `net.2(gelu_tanh(net.0.proj(x)))` with a `4·dim` hidden layer.
-#[derive(Debug)]
-struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-}
-
-impl FeedForward {
-    fn load(w: &Weights, prefix: &str, dim: i64) -> Result<Self> {
-        Ok(Self {
-            proj_in: Linear::load(w, &format!("{prefix}.net.0.proj"), dim, MLP_RATIO * dim)?,
-            proj_out: Linear::load(w, &format!("{prefix}.net.2"), MLP_RATIO * dim, dim)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.proj_out.forward(&self.proj_in.forward(x).gelu("tanh"))
-    }
 }
 
 /// The text-stream half of a dual block's joint attention.
@@ -267,8 +247,13 @@ impl DualBlock {
                 c.attention_head_dim,
                 true,
             )?,
-            ff: FeedForward::load(w, &format!("{prefix}.ff"), dim)?,
-            ff_context: FeedForward::load(w, &format!("{prefix}.ff_context"), dim)?,
+            ff: FeedForward::load(w, &format!("{prefix}.ff"), dim, MLP_RATIO * dim)?,
+            ff_context: FeedForward::load(
+                w,
+                &format!("{prefix}.ff_context"),
+                dim,
+                MLP_RATIO * dim,
+            )?,
         })
     }
 

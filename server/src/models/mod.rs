@@ -1,5 +1,6 @@
 //! Model code: one file per model part, weights mapped once by their diffusers names.
 pub mod clip;
+pub mod cogvideox;
 pub mod error;
 pub mod flux;
 pub mod scheduler;

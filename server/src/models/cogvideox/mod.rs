@@ -1,0 +1,2 @@
+//! CogVideoX (text-to-video) model parts.
+pub mod scheduler;

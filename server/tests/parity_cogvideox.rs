@@ -1,4 +1,4 @@
-//! Parity of the CogVideoX parts with diffusers, on the references that
+//! Parity of the CogVideoX parts (schedulers, VAE) with diffusers, on the references that
 //! `tests/parity/make_cogvideox_reference.py` writes (fp32, CPU).
 //!
 //! Data: `$DENOISED_PARITY_DATA/cogvideox` or `<repo>/tests/parity/data/cogvideox`; generate it
@@ -12,6 +12,7 @@ use common::max_abs_diff;
 use denoised_server::models::cogvideox::scheduler::{
     CogVideoXScheduler, CogVideoXSchedulerConfig, SchedulerKind, StepOutput,
 };
+use denoised_server::models::cogvideox::vae::AutoencoderKLCogVideoX;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -306,5 +307,130 @@ fn dpm_noise_from_seeded_generator_matches_diffusers() {
             .map(|i| scheduler.noise_draws(i, i > 0))
             .collect();
         println!("{key}: draws per step {counts:?}, all bit-equal to diffusers'");
+    }
+}
+
+/// Largest accepted |rust - python| for VAE outputs.
+const VAE_TOLERANCE: f64 = 1e-4;
+
+/// The manifest's VAEs: (folder, manifest entry, reference tensors).
+fn vaes() -> Vec<(PathBuf, Value, Reference)> {
+    let dir = data_dir();
+    let entries = manifest(&dir)["vae"]
+        .as_array()
+        .expect("manifest: no `vae` list")
+        .clone();
+    assert!(!entries.is_empty(), "manifest: empty `vae`");
+    entries
+        .into_iter()
+        .map(|entry| {
+            let reference = Reference::read(&dir.join(entry["reference"].as_str().unwrap()));
+            (dir.join(entry["dir"].as_str().unwrap()), entry, reference)
+        })
+        .collect()
+}
+
+fn assert_vae_close(what: &str, actual: &Tensor, expected: &Tensor) {
+    assert_eq!(actual.size(), expected.size(), "{what}: shape");
+    let diff = max_abs_diff(actual, expected);
+    println!("{what}: {:?}, max |Δ| = {diff:.3e}", actual.size());
+    assert!(
+        diff <= VAE_TOLERANCE,
+        "{what}: max |Δ| {diff:e} > {VAE_TOLERANCE:e}"
+    );
+}
+
+#[test]
+fn vae_decode_matches_diffusers() {
+    for (dir, entry, reference) in vaes() {
+        let vae = AutoencoderKLCogVideoX::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let name = entry["name"].as_str().unwrap();
+        for decode in entry["decodes"].as_array().unwrap() {
+            let latent_frames = decode["latent_frames"].as_i64().unwrap();
+            let video = vae.decode(reference.get(&format!("latent{latent_frames}")));
+            assert_eq!(
+                video.size()[2],
+                decode["frames"].as_i64().unwrap(),
+                "{name}: frames decoded from {latent_frames} latent frames"
+            );
+            assert_vae_close(
+                &format!("{name}: decode of {latent_frames} latent frames"),
+                &video,
+                reference.get(&format!("decoded{latent_frames}")),
+            );
+        }
+    }
+}
+
+#[test]
+fn vae_encode_matches_diffusers() {
+    for (dir, entry, reference) in vaes() {
+        let vae = AutoencoderKLCogVideoX::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let name = entry["name"].as_str().unwrap();
+        for encode in entry["encodes"].as_array().unwrap() {
+            let frames = encode["frames"].as_i64().unwrap();
+            let mean = vae.encode(reference.get(&format!("video{frames}")));
+            assert_vae_close(
+                &format!("{name}: encode of {frames} frames"),
+                &mean,
+                reference.get(&format!("mean{frames}")),
+            );
+        }
+    }
+}
+
+/// A copy of a VAE folder whose config.json is edited by `edit`.
+fn edited_vae(dir: &Path, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("denoised-cogvideox-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    for file in std::fs::read_dir(dir).unwrap() {
+        let path = file.unwrap().path();
+        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn vae_config_with_fewer_blocks_than_the_weights_fails_at_load() {
+    for (dir, entry, _) in vaes() {
+        let name = entry["name"].as_str().unwrap();
+        let levels = entry["levels"].as_u64().unwrap() as usize;
+        let fewer_levels = edited_vae(&dir, &format!("{name}-levels"), |config| {
+            for key in ["block_out_channels", "down_block_types", "up_block_types"] {
+                config[key].as_array_mut().unwrap().truncate(levels - 1);
+            }
+        });
+        let fewer_layers = edited_vae(&dir, &format!("{name}-layers"), |config| {
+            let layers = config["layers_per_block"].as_i64().unwrap();
+            config["layers_per_block"] = Value::from(layers - 1);
+        });
+        for (folder, key) in [
+            (&fewer_levels, "`block_out_channels`"),
+            (&fewer_layers, "`layers_per_block`"),
+        ] {
+            let layers = serde_json::from_str::<Value>(
+                &std::fs::read_to_string(folder.join("config.json")).unwrap(),
+            )
+            .unwrap()["layers_per_block"]
+                .as_i64()
+                .unwrap();
+            let result = AutoencoderKLCogVideoX::load(folder, Device::Cpu, Kind::Float);
+            // layers_per_block 0 is rejected as a bad value, which names the key too.
+            let err = result.err().unwrap_or_else(|| {
+                panic!("{name}: a config with fewer blocks ({key}, layers {layers}) loaded")
+            });
+            let err = err.to_string();
+            println!("{name}: {err}");
+            assert!(
+                err.contains("config.json") && err.contains(key),
+                "{name}: {err}"
+            );
+            std::fs::remove_dir_all(folder).unwrap();
+        }
     }
 }

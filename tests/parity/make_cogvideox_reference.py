@@ -7,6 +7,9 @@ Writes, under ``--out`` (``tests/parity/data/cogvideox``):
   latent ``[1, 3, 4, 6, 5]`` with a fixed fake model output per step (the step inputs and outputs,
   and for DPM every noise tensor the scheduler drew, in order); plus the timesteps of every
   spacing for a sweep of step counts;
+* ``<vae>/``: a tiny random AutoencoderKLCogVideoX saved with ``save_pretrained`` per VAE config,
+  and ``<vae>.safetensors``: decodes of seeded random latents for several latent frame counts (odd
+  and even, so both of ``_decode``'s frame batchings run) and encodes of seeded random videos;
 * ``manifest.json``: everything the Rust tests need to know about the above.
 
 The DPM runs draw their noise as CogVideoXPipeline does: one CPU generator seeded once, first the
@@ -21,15 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-import diffusers
-import diffusers.schedulers.scheduling_dpm_cogvideox as dpm_module
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_components import _jitter_  # noqa: E402
+
+import diffusers  # noqa: E402
+import diffusers.schedulers.scheduling_dpm_cogvideox as dpm_module  # noqa: E402
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 # The shipped checkpoints' scheduler configs (THUDM/CogVideoX-2b and -5b).
 COGVIDEOX_2B = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -63,6 +70,59 @@ SCHEDULER_STEPS = [1, 2, 7, 50]
 LATENT_SHAPE = (1, 3, 4, 6, 5)  # [B, F, C, H, W], as the pipeline's latents
 # Timesteps of every spacing for these step counts (they depend on nothing else but steps_offset).
 SWEEP_STEPS = list(range(1, 101)) + [128, 150, 199, 250, 333, 500, 999, 1000]
+
+
+# Tiny VAEs: the diffusers test config (cogvideox.md 3.6), and two levels with wider channels, two
+# resnets per block, channel changes between levels (conv shortcuts) and temporal compression 2.
+VAES = [
+    dict(name="vae_4_levels", seed=7,
+         config=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                     temporal_compression_ratio=4, scaling_factor=1.15258426),
+         batch=1, latent_hw=(3, 4), latent_frames=[1, 3, 4, 5], video_frames=[9, 17]),
+    dict(name="vae_2_levels", seed=8,
+         config=dict(block_out_channels=(8, 16), latent_channels=3, layers_per_block=2, norm_num_groups=4,
+                     temporal_compression_ratio=2, norm_eps=1e-5, scaling_factor=0.7),
+         batch=2, latent_hw=(5, 3), latent_frames=[3, 4], video_frames=[5, 12]),
+]
+
+
+def make_cogvideox_vae(spec: dict) -> AutoencoderKLCogVideoX:
+    levels = len(spec["config"]["block_out_channels"])
+    torch.manual_seed(spec["seed"])
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * levels,
+                                 up_block_types=("CogVideoXUpBlock3D",) * levels, **spec["config"]).eval()
+    # Norm weights start at exactly 1 and biases at 0; perturb them so a missed mapping shows.
+    _jitter_(vae, spec["seed"])
+    return vae
+
+
+def vae_references(root: Path) -> list[dict]:
+    entries = []
+    for spec in VAES:
+        make_cogvideox_vae(spec).save_pretrained(str(root / spec["name"]))
+        # Reload, so the references are those of exactly what the Rust side loads.
+        vae = AutoencoderKLCogVideoX.from_pretrained(str(root / spec["name"])).eval()
+        c = vae.config
+        gen = torch.Generator().manual_seed(spec["seed"])
+        h, w = spec["latent_hw"]
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        tensors, decodes, encodes = {}, [], []
+        with torch.no_grad():
+            for frames in spec["latent_frames"]:
+                latent = torch.randn(spec["batch"], c.latent_channels, frames, h, w, generator=gen)
+                tensors[f"latent{frames}"] = latent
+                tensors[f"decoded{frames}"] = vae.decode(latent).sample
+                decodes.append({"latent_frames": frames, "frames": tensors[f"decoded{frames}"].shape[2]})
+            for frames in spec["video_frames"]:
+                video = torch.rand(spec["batch"], c.in_channels, frames, h * factor, w * factor, generator=gen) * 2 - 1
+                tensors[f"video{frames}"] = video
+                tensors[f"mean{frames}"] = vae.encode(video).latent_dist.mean
+                encodes.append({"frames": frames, "latent_frames": tensors[f"mean{frames}"].shape[2]})
+        reference = f"{spec['name']}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / reference))
+        entries.append({"name": spec["name"], "dir": spec["name"], "reference": reference,
+                        "levels": len(c.block_out_channels), "decodes": decodes, "encodes": encodes})
+    return entries
 
 
 def record_dpm_draws():
@@ -156,9 +216,11 @@ def main():
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / "scheduler.safetensors"))
     manifest["scheduler"] = {"reference": "scheduler.safetensors", **scheduler_manifest}
 
+    manifest["vae"] = vae_references(root)
+
     with open(root / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
-    print(f"wrote {len(scheduler_manifest['cases'])} scheduler runs to {root}")
+    print(f"wrote {len(scheduler_manifest['cases'])} scheduler runs and {len(manifest['vae'])} VAEs to {root}")
 
 
 if __name__ == "__main__":

@@ -1,2 +1,3 @@
 //! CogVideoX (text-to-video) model parts.
 pub mod scheduler;
+pub mod vae;

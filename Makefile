@@ -38,7 +38,8 @@ fmt:
 	cargo fmt --all
 
 # Tiny random FLUX pipelines in diffusers layout + reference outputs from diffusers itself
-# (pipelines, modules, caches). Rebuilt only when a script or the Python packages change.
+# (pipelines, modules, caches), and the CogVideoX parts' references (schedulers, VAE, transformer).
+# Rebuilt only when a script or the Python packages change.
 PARITY_DATA := tests/parity/data
 PARITY_STAMP := $(PARITY_DATA)/.stamp
 
@@ -47,6 +48,8 @@ parity-data: $(PARITY_STAMP)
 $(PARITY_STAMP): $(STAMP) $(wildcard tests/parity/*.py)
 	$(PY) tests/parity/make_reference.py --out $(PARITY_DATA)
 	$(PY) tests/parity/make_cache_reference.py --data $(PARITY_DATA)
+	$(PY) tests/parity/make_cogvideox_reference.py --out $(PARITY_DATA)/cogvideox
+	$(PY) tests/parity/make_cogvideox_transformer.py --out $(PARITY_DATA)/cogvideox_transformer
 	@touch $@
 
 test: setup lint parity-data

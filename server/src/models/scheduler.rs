@@ -318,7 +318,7 @@ impl FlowMatchEulerDiscreteScheduler {
 }
 
 /// `np.linspace(start, stop, num)` in f64 (numpy's formula: `start + i·step`, last = `stop`).
-fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub(crate) fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     if num == 1 {
         return vec![start];
     }

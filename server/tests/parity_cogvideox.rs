@@ -1,5 +1,6 @@
-//! Parity of the CogVideoX parts (schedulers, VAE) with diffusers, on the references that
-//! `tests/parity/make_cogvideox_reference.py` writes (fp32, CPU).
+//! Parity of the CogVideoX parts (schedulers, VAE, transformer) with diffusers, on the references
+//! that `tests/parity/make_cogvideox_reference.py` and `make_cogvideox_transformer.py` write
+//! (fp32, CPU).
 //!
 //! Data: `$DENOISED_PARITY_DATA/cogvideox` or `<repo>/tests/parity/data/cogvideox`; generate it
 //! with `make parity-data`. Missing data fails the tests.
@@ -7,11 +8,17 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::max_abs_diff;
+use denoised_server::dit::hooks::{
+    BlockId, Branch, ForwardContext, StepStats, Tensors, TransformerHooks,
+};
+use denoised_server::dit::layout::LatentLayout;
 use denoised_server::models::cogvideox::scheduler::{
     CogVideoXScheduler, CogVideoXSchedulerConfig, SchedulerKind, StepOutput,
 };
+use denoised_server::models::cogvideox::transformer::{CogVideoXTransformer, Positions};
 use denoised_server::models::cogvideox::vae::AutoencoderKLCogVideoX;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -19,11 +26,15 @@ use tch::{Device, Kind, Tensor};
 /// Largest accepted |rust - python| for scheduler step outputs.
 const STEP_TOLERANCE: f64 = 1e-5;
 
-fn data_dir() -> PathBuf {
-    let data = std::env::var_os("DENOISED_PARITY_DATA")
+/// `$DENOISED_PARITY_DATA` or `<repo>/tests/parity/data`.
+fn parity_root() -> PathBuf {
+    std::env::var_os("DENOISED_PARITY_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/data"));
-    let dir = data.join("cogvideox");
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity/data"))
+}
+
+fn data_dir() -> PathBuf {
+    let dir = parity_root().join("cogvideox");
     assert!(
         dir.join("manifest.json").is_file(),
         "parity data missing: no {}; run `make parity-data` (or `python \
@@ -432,5 +443,161 @@ fn vae_config_with_fewer_blocks_than_the_weights_fails_at_load() {
             );
             std::fs::remove_dir_all(folder).unwrap();
         }
+    }
+}
+
+// ---- transformer ----------------------------------------------------------------------------
+
+/// Largest accepted |rust − diffusers| of a transformer forward (and each block's output).
+const TRANSFORMER_TOLERANCE: f64 = 1e-4;
+
+fn transformer_data_dir() -> PathBuf {
+    let dir = parity_root().join("cogvideox_transformer");
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "parity data missing: no {}; run `make parity-data` (or `python \
+         tests/parity/make_cogvideox_transformer.py --out tests/parity/data/cogvideox_transformer`)",
+        dir.join("manifest.json").display()
+    );
+    dir
+}
+
+/// Keeps every computed block's `(hidden, text)` outputs, in call order.
+#[derive(Default)]
+struct BlockRecorder {
+    outputs: Vec<(String, Tensor, Tensor)>,
+}
+
+impl TransformerHooks for BlockRecorder {
+    fn after_block(&mut self, id: &BlockId, _input: &Tensors, output: &Tensors) {
+        let text = id
+            .streams
+            .text
+            .expect("CogVideoX blocks carry a text stream");
+        self.outputs.push((
+            id.path.clone(),
+            output[id.streams.hidden].shallow_clone(),
+            output[text].shallow_clone(),
+        ));
+    }
+}
+
+#[test]
+fn transformer_forward_matches_diffusers() {
+    let dir = transformer_data_dir();
+    let manifest = manifest(&dir);
+    let models = manifest["models"].as_array().expect("manifest: no models");
+    assert_eq!(models.len(), 3, "2b-, 5b- and 1.5-style models");
+    for model in models {
+        let name = model["name"].as_str().unwrap();
+        let transformer = CogVideoXTransformer::load(
+            &dir.join(model["dir"].as_str().unwrap()),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for case in model["cases"].as_array().unwrap() {
+            let label = format!("{name}.{}", case["name"].as_str().unwrap());
+            let r = Reference::read(&dir.join(case["reference"].as_str().unwrap()));
+            let size = |key: &str| case[key].as_i64().unwrap();
+            let positions = transformer
+                .positions(
+                    (size("frames"), size("height"), size("width")),
+                    size("text_tokens"),
+                )
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            // The rotary tables are the pipeline's, bit for bit up to f32 rounding.
+            if let Positions::Rope(rope) = &positions {
+                let d = max_abs_diff(&rope.cos, r.get("rope.cos"))
+                    .max(max_abs_diff(&rope.sin, r.get("rope.sin")));
+                assert!(d <= 1e-6, "{label}: rotary tables differ by {d:e}");
+            }
+            let ctx = ForwardContext {
+                step: 0,
+                num_steps: 1,
+                timestep: 981.0,
+                branch: Branch::Cond,
+                layout: Arc::new(VideoLayout),
+            };
+            let mut recorder = BlockRecorder::default();
+            let mut stats = StepStats::default();
+            let out = tch::no_grad(|| {
+                transformer.forward(
+                    r.get("hidden_states"),
+                    r.get("encoder_hidden_states"),
+                    r.get("timestep"),
+                    &positions,
+                    &ctx,
+                    &mut recorder,
+                    &mut stats,
+                )
+            });
+            let layers = model["num_layers"].as_u64().unwrap() as usize;
+            assert_eq!(recorder.outputs.len(), layers, "{label}: blocks reported");
+            let mut worst_block = 0f64;
+            for (i, (path, hidden, text)) in recorder.outputs.iter().enumerate() {
+                assert_eq!(path, &format!("transformer_blocks.{i}"));
+                let d = max_abs_diff(hidden, r.get(&format!("block{i}.hidden")))
+                    .max(max_abs_diff(text, r.get(&format!("block{i}.encoder"))));
+                assert!(
+                    d <= TRANSFORMER_TOLERANCE,
+                    "{label}: {path} differs by {d:e}"
+                );
+                worst_block = worst_block.max(d);
+            }
+            let d = max_abs_diff(&out, r.get("output"));
+            println!(
+                "transformer {label}: output max|Δ| = {d:.3e}, blocks max|Δ| = {worst_block:.3e}"
+            );
+            assert!(
+                d <= TRANSFORMER_TOLERANCE,
+                "{label}: output differs by {d:e}"
+            );
+            assert_eq!(out.size(), r.get("output").size());
+            assert!(stats.full_compute() && stats.attention.computed as usize == layers);
+        }
+    }
+}
+
+#[test]
+fn transformer_refuses_what_it_cannot_run() {
+    let dir = transformer_data_dir();
+    let t = CogVideoXTransformer::load(&dir.join("sincos_2b"), Device::Cpu, Kind::Float).unwrap();
+    // The sin-cos table is laid out for max_text_seq_length text tokens only.
+    let err = t.positions((3, 6, 10), 5).unwrap_err().to_string();
+    assert!(err.contains("`max_sequence_length`"), "{err}");
+    let err = t.positions((3, 5, 10), 7).unwrap_err().to_string();
+    assert!(err.contains("patch size"), "{err}");
+    // A config with fewer blocks than the weights.
+    let scratch = std::env::temp_dir().join(format!("denoised-cogvideox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(dir.join("sincos_2b").join(f), scratch.join(f)).unwrap();
+    }
+    let path = scratch.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["num_layers"] = 1.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = CogVideoXTransformer::load(&scratch, Device::Cpu, Kind::Float)
+        .unwrap_err()
+        .to_string();
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(
+        err.contains("num_layers") && err.contains("config.json"),
+        "{err}"
+    );
+}
+
+/// The video transformer's output is already the latent grid `[B, F, C, H, W]`.
+#[derive(Debug)]
+struct VideoLayout;
+
+impl LatentLayout for VideoLayout {
+    fn to_grid(&self, tokens: &Tensor) -> Tensor {
+        tokens.shallow_clone()
+    }
+    fn to_tokens(&self, grid: &Tensor) -> Tensor {
+        grid.shallow_clone()
     }
 }

@@ -129,6 +129,8 @@ fn main() {
         true_cfg_scale: 1.0,
         seed,
         max_sequence_length,
+        num_frames: None,
+        dynamic_cfg: false,
     };
     // Warm-up (allocator, first kernels), then MagCache calibration on the first prompt.
     generate(pipeline, &params(PROMPTS[0], 0), &CacheConfig::None);

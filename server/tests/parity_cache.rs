@@ -218,6 +218,8 @@ fn request(case: &Value) -> GenerationRequest {
         true_cfg_scale: num("true_cfg_scale") as f32,
         seed: case["seed"].as_u64().unwrap(),
         max_sequence_length: num("max_sequence_length") as usize,
+        num_frames: None,
+        dynamic_cfg: false,
     }
 }
 

@@ -245,6 +245,8 @@ fn check_case(pipeline: &FluxPipeline, case: &Value) {
         true_cfg_scale: f64_field(case, "true_cfg_scale") as f32,
         seed: case["seed"].as_u64().unwrap(),
         max_sequence_length: usize_field(case, "max_sequence_length"),
+        num_frames: None,
+        dynamic_cfg: false,
     };
     let dyn_pipeline: &dyn AnyPipeline = pipeline;
     let mut run = Denoise::start(dyn_pipeline, &params, CacheConfig::None)
@@ -490,6 +492,8 @@ fn true_cfg_runs_both_branches_through_the_hooks() {
         true_cfg_scale: 2.0,
         seed: 5,
         max_sequence_length: 8,
+        num_frames: None,
+        dynamic_cfg: false,
     };
     let mut gen = Pipeline::prepare(&pipeline, &params).unwrap();
     let mut rec = Recorder::default();

@@ -98,6 +98,8 @@ pub fn resolve_generate(
             true_cfg_scale,
             seed: req.seed.unwrap_or_else(random_seed),
             max_sequence_length: model.max_sequence_length,
+            num_frames: None,
+            dynamic_cfg: false,
         },
         preview: PreviewPlan {
             kind,
@@ -173,6 +175,7 @@ mod tests {
                 supports_true_cfg: true,
                 num_blocks: 2,
                 max_sequence_length: 32,
+                video: None,
                 device: Device::Cpu,
                 kind: Kind::Float,
             },

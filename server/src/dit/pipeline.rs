@@ -36,8 +36,20 @@ pub struct ModelCard {
     pub num_blocks: u32,
     /// The text-encoder token budget when the request does not set one.
     pub max_sequence_length: usize,
+    /// Present for models that make videos.
+    pub video: Option<VideoCard>,
     pub device: Device,
     pub kind: Kind,
+}
+
+/// What a video model accepts and defaults to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoCard {
+    pub default_frames: u32,
+    pub max_frames: u32,
+    /// Frame counts are `1 + k · frame_step` (the VAE's temporal compression).
+    pub frame_step: u32,
+    pub default_fps: u32,
 }
 
 /// Decoded pixels: one or more RGB8 frames (`height × width × 3` bytes each, row-major).

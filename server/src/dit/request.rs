@@ -17,6 +17,11 @@ pub struct GenerationRequest {
     pub seed: u64,
     /// Text-encoder tokens (padded / truncated to exactly this many).
     pub max_sequence_length: usize,
+    /// Frames of a video; `None` for an image.
+    pub num_frames: Option<usize>,
+    /// CogVideoX's dynamic classifier-free guidance (`use_dynamic_cfg`): the scale follows a
+    /// cosine schedule over the timesteps.
+    pub dynamic_cfg: bool,
 }
 
 /// How an image is encoded for the client.

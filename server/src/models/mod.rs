@@ -5,6 +5,7 @@ pub mod error;
 pub mod flux;
 pub mod nn;
 pub mod pixels;
+pub mod rng;
 pub mod scheduler;
 pub mod t5;
 pub mod tokenizer;
@@ -20,6 +21,40 @@ pub use error::{ModelError, Result};
 
 use crate::dit::pipeline::AnyPipeline;
 
+/// `dir/model_index.json` must name pipeline `class` and, for each component, one of the
+/// accepted `(library, class)` entries.
+pub fn check_model_index(dir: &Path, class: &str, components: &[(&str, &[&str])]) -> Result<()> {
+    let path = dir.join("model_index.json");
+    let index: Value = weights::read_json(&path)?;
+    let named = index.get("_class_name").and_then(Value::as_str);
+    if named != Some(class) {
+        return Err(ModelError::UnknownClass {
+            path,
+            class: named.unwrap_or("<missing>").to_owned(),
+            expected: class.to_owned(),
+        });
+    }
+    for &(name, accepted) in components {
+        let entry = index
+            .get(name)
+            .and_then(Value::as_array)
+            .and_then(|e| e.get(1))
+            .and_then(Value::as_str);
+        match entry {
+            Some(c) if accepted.contains(&c) => {}
+            Some(c) => {
+                return Err(ModelError::config(
+                    &path,
+                    name,
+                    format!("class `{c}` is not supported (expected one of {accepted:?})"),
+                ))
+            }
+            None => return Err(ModelError::config(&path, name, "missing component entry")),
+        }
+    }
+    Ok(())
+}
+
 /// Loads a diffusers pipeline folder with the family its `model_index.json` names.
 pub fn load_pipeline(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn AnyPipeline>> {
     let index_path = dir.join("model_index.json");
@@ -28,10 +63,17 @@ pub fn load_pipeline(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn A
         Some(flux::pipeline::PIPELINE_CLASS) => Ok(Box::new(flux::pipeline::FluxPipeline::load(
             dir, device, kind,
         )?)),
+        Some(cogvideox::pipeline::PIPELINE_CLASS) => Ok(Box::new(
+            cogvideox::pipeline::CogVideoXPipeline::load(dir, device, kind)?,
+        )),
         other => Err(ModelError::UnknownClass {
             path: index_path,
             class: other.unwrap_or("<missing>").to_owned(),
-            expected: flux::pipeline::PIPELINE_CLASS.to_owned(),
+            expected: format!(
+                "{} or {}",
+                flux::pipeline::PIPELINE_CLASS,
+                cogvideox::pipeline::PIPELINE_CLASS
+            ),
         }),
     }
 }

@@ -2,6 +2,7 @@
 //! transformer, the causal 3D VAE and the DDIM / DPM schedulers.
 pub mod config;
 pub mod embeddings;
+pub mod pipeline;
 pub mod scheduler;
 pub mod transformer;
 pub mod vae;

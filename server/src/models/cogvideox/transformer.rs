@@ -307,6 +307,39 @@ impl CogVideoXTransformer {
         self.blocks.len()
     }
 
+    /// Multiply-adds of one block for one sample of `tokens` tokens: the q/k/v/out projections
+    /// (4·D² per token), the 4× feed-forward (8·D² per token), the two expert modulations (once
+    /// per sample) and the attention matmuls `QKᵀ`, `AV` (2·L²·D). An estimate for reporting what
+    /// a cache saved, not for timing.
+    pub fn block_flops(&self, tokens: i64) -> f64 {
+        let d = self.config.inner_dim() as f64;
+        let l = tokens as f64;
+        let modulation = 2.0 * self.config.time_embed_dim as f64 * 6.0 * d;
+        l * 12.0 * d * d + 2.0 * l * l * d + modulation
+    }
+
+    /// Multiply-adds of one `attn1` for one sample: projections and the attention matmuls.
+    pub fn attention_flops(&self, tokens: i64) -> f64 {
+        let d = self.config.inner_dim() as f64;
+        let l = tokens as f64;
+        4.0 * l * d * d + 2.0 * l * l * d
+    }
+
+    /// Estimated FLOPs (2 per multiply-add) of one step whose forwards run `rows` samples of
+    /// `tokens` tokens, and the part the cache saved: skipped forwards save every block, skipped
+    /// blocks their own cost, reused or predicted attention the attention module's cost.
+    pub fn step_flops(&self, rows: i64, tokens: i64, stats: &StepStats) -> (f64, f64) {
+        let rows = rows as f64;
+        let block = 2.0 * rows * self.block_flops(tokens);
+        let attention = 2.0 * rows * self.attention_flops(tokens);
+        let per_forward = self.num_blocks() as f64 * block;
+        let total = stats.forwards.total() as f64 * per_forward;
+        let saved = stats.forwards.not_computed() as f64 * per_forward
+            + stats.blocks.not_computed() as f64 * block
+            + stats.attention.not_computed() as f64 * attention;
+        (total, saved.min(total))
+    }
+
     /// The positions of a latent of `frames × height × width` (latent pixels) with `text_tokens`
     /// text tokens. The 2b's sin-cos table is laid out for exactly `max_text_seq_length` text
     /// tokens (diffusers fails on any other count): refused here naming the field.

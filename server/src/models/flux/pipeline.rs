@@ -6,10 +6,9 @@
 //! [`decode`](Pipeline::decode) and [`preview`](Pipeline::preview) turn latents into pixels. Each
 //! stage repeats diffusers' tensor ops in order and dtype, so fp32 CPU runs match it closely.
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::packing::{pack, FluxLayout};
@@ -20,12 +19,13 @@ use crate::dit::pipeline::{Frames, ModelCard, Pipeline, Progress, StepCost, Step
 use crate::dit::request::{GenerationRequest, PreviewKind};
 use crate::models::clip::ClipTextModel;
 use crate::models::pixels::{to_rgb8, LatentRgb};
+use crate::models::rng::with_seeded_cpu_rng;
 use crate::models::scheduler::FlowMatchEulerDiscreteScheduler;
 use crate::models::t5::T5EncoderModel;
 use crate::models::tokenizer::{ClipTokenizer, T5Tokenizer};
 use crate::models::vae::AutoencoderKL;
 use crate::models::weights::read_json;
-use crate::models::{ModelError, Result};
+use crate::models::{check_model_index, ModelError, Result};
 
 /// The diffusers pipeline class `model_index.json` must name.
 pub const PIPELINE_CLASS: &str = "FluxPipeline";
@@ -46,11 +46,6 @@ const COMPONENTS: [(&str, &[&str]); 7] = [
     ("transformer", &["FluxTransformer2DModel"]),
     ("vae", &["AutoencoderKL"]),
 ];
-
-/// The initial noise is drawn from libtorch's global CPU generator (seeded per generation, as
-/// diffusers seeds a `torch.Generator("cpu")`), so seeding and drawing must not interleave
-/// between threads.
-static CPU_RNG: Mutex<()> = Mutex::new(());
 
 /// Largest image edge served, in pixels.
 const MAX_SIZE: u32 = 2048;
@@ -162,16 +157,6 @@ fn latent_image_ids(h: i64, w: i64, device: Device, kind: Kind) -> Tensor {
         .to_kind(kind)
 }
 
-/// One `(library, class)` entry of `model_index.json`.
-fn component_class(index: &Value, name: &str) -> Option<String> {
-    index
-        .get(name)?
-        .as_array()?
-        .get(1)?
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// The one width the pipeline needs from each text encoder config, to check it against the
 /// transformer at load time rather than fail on the first request.
 #[derive(Deserialize)]
@@ -212,9 +197,7 @@ impl FluxPipeline {
     /// Loads a diffusers FLUX folder (`model_index.json` and one folder per component), every
     /// model on `device` in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        let index: Value = read_json(&index_path)?;
-        check_model_index(&index, &index_path)?;
+        check_model_index(dir, PIPELINE_CLASS, &COMPONENTS)?;
 
         let scheduler = FlowMatchEulerDiscreteScheduler::load(&dir.join("scheduler"))?;
         let transformer = FluxTransformer::load(&dir.join("transformer"), device, kind)?;
@@ -332,6 +315,18 @@ impl FluxPipeline {
         if params.steps == 0 {
             return Err(ModelError::invalid_input("steps", "must be at least 1"));
         }
+        if params.num_frames.is_some_and(|n| n != 1) {
+            return Err(ModelError::invalid_input(
+                "num_frames",
+                "FLUX makes images: one frame",
+            ));
+        }
+        if params.dynamic_cfg {
+            return Err(ModelError::invalid_input(
+                "use_dynamic_cfg",
+                "FLUX has no dynamic classifier-free guidance",
+            ));
+        }
         if !(1..=MAX_SEQUENCE_LENGTH).contains(&params.max_sequence_length) {
             return Err(ModelError::invalid_input(
                 "max_sequence_length",
@@ -364,16 +359,12 @@ impl FluxPipeline {
         };
 
         let channels = self.vae.config().latent_channels;
-        let noise = {
-            let _rng = CPU_RNG
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            tch::manual_seed(params.seed as i64);
+        let noise = with_seeded_cpu_rng(params.seed, || {
             Tensor::randn(
                 [1, channels, latent_height, latent_width],
                 (self.kind, Device::Cpu),
             )
-        };
+        });
         let latents = pack(&noise).to_device(self.device);
         let img_ids = latent_image_ids(latent_height / 2, latent_width / 2, self.device, self.kind);
 
@@ -574,40 +565,16 @@ fn card(
         // FluxPipeline's 512, capped by the T5 tokenizer's `model_max_length` so that small
         // models trained on short prompts get their own budget.
         max_sequence_length: tokenizer_2.max_length().min(MAX_SEQUENCE_LENGTH),
+        video: None,
         device,
         kind,
     }
 }
 
-/// `model_index.json` must describe a FluxPipeline with the expected component classes.
-fn check_model_index(index: &Value, path: &Path) -> Result<()> {
-    let class = index.get("_class_name").and_then(Value::as_str);
-    if class != Some(PIPELINE_CLASS) {
-        return Err(ModelError::UnknownClass {
-            path: path.to_path_buf(),
-            class: class.unwrap_or("<missing>").to_owned(),
-            expected: PIPELINE_CLASS.to_owned(),
-        });
-    }
-    for (name, accepted) in COMPONENTS {
-        match component_class(index, name) {
-            Some(class) if accepted.contains(&class.as_str()) => {}
-            Some(class) => {
-                return Err(ModelError::config(
-                    path,
-                    name,
-                    format!("class `{class}` is not supported (expected one of {accepted:?})"),
-                ))
-            }
-            None => return Err(ModelError::config(path, name, "missing component entry")),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn image_ids_are_row_and_column() {
@@ -628,17 +595,23 @@ mod tests {
             "transformer": ["diffusers", "FluxTransformer2DModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         });
-        let path = Path::new("model_index.json");
-        check_model_index(&good, path).unwrap();
+        let dir = std::env::temp_dir().join(format!("denoised-flux-index-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let check = |index: &Value| {
+            std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+            check_model_index(&dir, PIPELINE_CLASS, &COMPONENTS).map_err(|e| e.to_string())
+        };
+        check(&good).unwrap();
         let mut bad = good.clone();
         bad["vae"] = serde_json::json!(["diffusers", "AutoencoderTiny"]);
-        let err = check_model_index(&bad, path).unwrap_err().to_string();
+        let err = check(&bad).unwrap_err();
         assert!(
             err.contains("`vae`") && err.contains("AutoencoderTiny"),
             "{err}"
         );
         bad["_class_name"] = serde_json::json!("StableDiffusion3Pipeline");
-        let err = check_model_index(&bad, path).unwrap_err().to_string();
+        let err = check(&bad).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(err.contains("StableDiffusion3Pipeline"), "{err}");
     }
 }

@@ -461,6 +461,7 @@ pub(crate) mod tests {
                 estimated_flops_saved: 1.0e9,
                 estimated_flops_total: 4.0e9,
                 calibrated_mag_ratios: vec![],
+                ..Default::default()
             })),
         }
     }

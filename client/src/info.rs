@@ -178,6 +178,7 @@ mod tests {
                 42,
             ],
             num_blocks: 3,
+            ..Default::default()
         });
         assert_eq!(info.conditioning, Conditioning::Text);
         assert_eq!(info.size, 16..=256);

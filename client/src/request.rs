@@ -284,6 +284,7 @@ impl GenerateRequest {
                 .output_format
                 .map_or(v1::ImageFormat::Unspecified, ImageFormat::into_proto)
                 .into(),
+            ..Default::default()
         }
     }
 }

@@ -73,6 +73,10 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     pub max_guidance: f32,
     pub max_labels: usize,
+    /// Most frames of one video.
+    pub max_video_frames: u32,
+    /// Most pixels of one video (frames × width × height): bounds the VAE decode's memory.
+    pub max_video_pixels: u64,
     /// Events buffered per stream before that generation pauses (backpressure on slow readers).
     pub stream_buffer: usize,
 }
@@ -90,6 +94,9 @@ impl Default for Limits {
             max_prompt_chars: 8192,
             max_guidance: 100.0,
             max_labels: 32,
+            max_video_frames: 129,
+            // Twice CogVideoX's 49 frames at 480×720.
+            max_video_pixels: 2 * 49 * 480 * 720,
             stream_buffer: 32,
         }
     }
@@ -223,6 +230,12 @@ impl Config {
         }
         if l.max_steps == 0 {
             return Err(invalid("limits.max_steps", "must be at least 1"));
+        }
+        if l.max_video_frames == 0 || l.max_video_pixels == 0 {
+            return Err(invalid(
+                "limits.max_video_frames",
+                "max_video_frames and max_video_pixels must be at least 1",
+            ));
         }
         if l.default_idle_timeout_secs == 0 || l.default_idle_timeout_secs > l.max_idle_timeout_secs
         {

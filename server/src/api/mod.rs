@@ -95,6 +95,7 @@ impl DenoiserService {
             request: resolved.request,
             preview: resolved.preview,
             output_format: resolved.output_format,
+            video: resolved.video,
             events: tx,
             span,
             received,

@@ -5,7 +5,9 @@ use denoised_proto::v1 as pb;
 use super::convert::image_format;
 use crate::config::Limits;
 use crate::dit::pipeline::ModelCard;
-use crate::dit::request::{GenerationRequest, ImageFormat, PreviewKind, PreviewPlan};
+use crate::dit::request::{
+    GenerationRequest, ImageFormat, PreviewKind, PreviewPlan, VideoFormat, VideoPlan,
+};
 use crate::engine::ServedModel;
 use crate::error::{ServiceError, ServiceResult};
 
@@ -13,7 +15,12 @@ pub struct ResolvedRequest {
     pub request: GenerationRequest,
     pub preview: PreviewPlan,
     pub output_format: ImageFormat,
+    /// Video models only.
+    pub video: Option<VideoPlan>,
 }
+
+/// The highest frame rate a video may be encoded at.
+const MAX_FPS: u32 = 240;
 
 pub fn resolve_generate(
     req: &pb::GenerateRequest,
@@ -86,6 +93,7 @@ pub fn resolve_generate(
         ));
     }
     let output_format = image_format(req.output_format, "output_format")?;
+    let (num_frames, video) = video(req, served, (width, height), limits)?;
     let negative_prompt = (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone());
     Ok(ResolvedRequest {
         request: GenerationRequest {
@@ -98,8 +106,8 @@ pub fn resolve_generate(
             true_cfg_scale,
             seed: req.seed.unwrap_or_else(random_seed),
             max_sequence_length: model.max_sequence_length,
-            num_frames: None,
-            dynamic_cfg: false,
+            num_frames,
+            dynamic_cfg: req.use_dynamic_cfg.unwrap_or(false),
         },
         preview: PreviewPlan {
             kind,
@@ -108,7 +116,81 @@ pub fn resolve_generate(
             max_edge: preview.max_edge,
         },
         output_format,
+        video,
     })
+}
+
+/// The frame count and output plan of a video model; image models take none of the video fields.
+fn video(
+    req: &pb::GenerateRequest,
+    served: &ServedModel,
+    (width, height): (u32, u32),
+    limits: &Limits,
+) -> ServiceResult<(Option<usize>, Option<VideoPlan>)> {
+    let Some(card) = served.card.video else {
+        let makes_images = format!("model `{}` makes images", served.name);
+        for (field, set) in [
+            ("num_frames", req.num_frames > 1),
+            ("fps", req.fps != 0),
+            ("use_dynamic_cfg", req.use_dynamic_cfg == Some(true)),
+            ("return_frames", req.return_frames),
+        ] {
+            if set {
+                return Err(ServiceError::invalid(field, makes_images));
+            }
+        }
+        return Ok((None, None));
+    };
+    let frames = if req.num_frames == 0 {
+        card.default_frames
+    } else {
+        req.num_frames
+    };
+    let max = card.max_frames.min(limits.max_video_frames);
+    let step = card.frame_step.max(1);
+    if frames > max || (frames - 1) % step != 0 {
+        return Err(ServiceError::invalid(
+            "num_frames",
+            format!("must be 1 + {step}·k frames, at most {max}; got {frames}"),
+        ));
+    }
+    let pixels = u64::from(frames) * u64::from(width) * u64::from(height);
+    if pixels > limits.max_video_pixels {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "`num_frames` × `width` × `height` = {frames} × {width} × {height} exceeds this server's \
+             limit of {} pixels per video",
+            limits.max_video_pixels
+        )));
+    }
+    let fps = if req.fps == 0 {
+        card.default_fps
+    } else {
+        req.fps
+    };
+    if fps > MAX_FPS {
+        return Err(ServiceError::invalid(
+            "fps",
+            format!("must be between 1 and {MAX_FPS}"),
+        ));
+    }
+    let format = match pb::VideoFormat::try_from(req.video_format) {
+        Ok(pb::VideoFormat::Unspecified | pb::VideoFormat::Mp4) => VideoFormat::Mp4,
+        Ok(pb::VideoFormat::Webp) => VideoFormat::Webp,
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "video_format",
+                format!("unknown value {}", req.video_format),
+            ))
+        }
+    };
+    Ok((
+        Some(frames as usize),
+        Some(VideoPlan {
+            fps,
+            format,
+            return_frames: req.return_frames,
+        }),
+    ))
 }
 
 /// 0 means the model default; otherwise within the model's range, rounded down to its size
@@ -185,8 +267,23 @@ mod tests {
         }
     }
 
+    fn video_model() -> ServedModel {
+        let mut m = model();
+        m.card.video = Some(crate::dit::pipeline::VideoCard {
+            default_frames: 9,
+            max_frames: 253,
+            frame_step: 4,
+            default_fps: 8,
+        });
+        m
+    }
+
     fn field_of(req: pb::GenerateRequest) -> String {
-        match resolve_generate(&req, &model(), &Limits::default()) {
+        field_of_model(req, &model())
+    }
+
+    fn field_of_model(req: pb::GenerateRequest, model: &ServedModel) -> String {
+        match resolve_generate(&req, model, &Limits::default()) {
             Err(ServiceError::InvalidArgument { field, .. }) => field,
             other => panic!(
                 "expected InvalidArgument, got {:?}",
@@ -262,5 +359,58 @@ mod tests {
             "preview.format"
         );
         assert_eq!(field_of(req(|r| r.output_format = 42)), "output_format");
+        // Image models take no video fields.
+        assert_eq!(field_of(req(|r| r.num_frames = 9)), "num_frames");
+        assert_eq!(field_of(req(|r| r.fps = 8)), "fps");
+        assert_eq!(
+            field_of(req(|r| r.use_dynamic_cfg = Some(true))),
+            "use_dynamic_cfg"
+        );
+    }
+
+    #[test]
+    fn video_fields_resolve_and_are_bounded() {
+        let video = video_model();
+        let r =
+            resolve_generate(&pb::GenerateRequest::default(), &video, &Limits::default()).unwrap();
+        assert_eq!(r.request.num_frames, Some(9));
+        assert_eq!(
+            r.video,
+            Some(VideoPlan {
+                fps: 8,
+                format: VideoFormat::Mp4,
+                return_frames: false
+            })
+        );
+        let req = |f: fn(&mut pb::GenerateRequest)| {
+            let mut r = pb::GenerateRequest::default();
+            f(&mut r);
+            r
+        };
+        assert_eq!(
+            field_of_model(req(|r| r.num_frames = 10), &video),
+            "num_frames"
+        );
+        assert_eq!(
+            field_of_model(req(|r| r.num_frames = 257), &video),
+            "num_frames"
+        );
+        assert_eq!(field_of_model(req(|r| r.fps = 1000), &video), "fps");
+        assert_eq!(
+            field_of_model(req(|r| r.video_format = 9), &video),
+            "video_format"
+        );
+        // Frames × pixels over the limit: resource exhausted, naming the fields.
+        let limits = Limits {
+            max_video_pixels: 64 * 64 * 5,
+            ..Limits::default()
+        };
+        match resolve_generate(&req(|r| r.num_frames = 9), &video, &limits) {
+            Err(ServiceError::ResourceExhausted(m)) => assert!(m.contains("`num_frames`"), "{m}"),
+            other => panic!(
+                "expected ResourceExhausted, got {:?}",
+                other.map(|r| r.request)
+            ),
+        }
     }
 }

@@ -32,6 +32,25 @@ pub enum ImageFormat {
     Jpeg,
 }
 
+/// How a video is encoded for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VideoFormat {
+    /// MP4 with H.264.
+    #[default]
+    Mp4,
+    /// Animated WebP.
+    Webp,
+}
+
+/// How a video model's output goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoPlan {
+    pub fps: u32,
+    pub format: VideoFormat,
+    /// Every frame as an image too.
+    pub return_frames: bool,
+}
+
 /// What a step preview shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreviewKind {

@@ -1,7 +1,7 @@
 //! What a generation tells its client, as domain values; `api/` maps them to the wire.
 use crate::cache::{CacheConfig, CacheKind};
 use crate::dit::hooks::ModuleCounts;
-use crate::dit::request::GenerationRequest;
+use crate::dit::request::{GenerationRequest, VideoPlan};
 use crate::error::ServiceError;
 use crate::media::EncodedImage;
 
@@ -9,7 +9,7 @@ use crate::media::EncodedImage;
 /// error that ends the stream.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started(Started),
+    Started(Box<Started>),
     Step(Step),
     Completed(Completed),
 }
@@ -24,6 +24,8 @@ pub struct Started {
     pub model: String,
     /// The request with every default resolved.
     pub request: GenerationRequest,
+    /// Video models: how the video is returned.
+    pub video: Option<VideoPlan>,
     pub cache: CacheConfig,
     pub device: String,
     pub dtype: String,

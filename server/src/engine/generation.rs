@@ -46,6 +46,7 @@ impl Running {
             session_id: session.id.clone(),
             model: model.info.name.clone(),
             request: job.request.clone(),
+            video: job.video,
             cache: denoise.config().clone(),
             device: model.info.device.clone(),
             dtype: model.info.dtype.clone(),
@@ -56,7 +57,7 @@ impl Running {
             job,
             model_index,
             denoise,
-            outbox: VecDeque::from([Ok(Event::Started(started))]),
+            outbox: VecDeque::from([Ok(Event::Started(Box::new(started)))]),
             done: false,
             denoise_started: Instant::now(),
         })

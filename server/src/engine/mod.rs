@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
-use crate::dit::request::{GenerationRequest, ImageFormat, PreviewPlan};
+use crate::dit::request::{GenerationRequest, ImageFormat, PreviewPlan, VideoPlan};
 use crate::error::{ServiceError, ServiceResult};
 use crate::session::GenerationGuard;
 pub use events::EventSender;
@@ -35,6 +35,8 @@ pub struct Job {
     pub request: GenerationRequest,
     pub preview: PreviewPlan,
     pub output_format: ImageFormat,
+    /// Video models: how the video is returned.
+    pub video: Option<VideoPlan>,
     pub events: EventSender,
     /// The request's span: step spans are its children.
     pub span: tracing::Span,

@@ -77,6 +77,20 @@ pub fn model_info(m: &ServedModel) -> pb::ModelInfo {
             .map(|&k| cache::cache_kind(k) as i32)
             .collect(),
         num_blocks: c.num_blocks,
+        modality: if c.video.is_some() {
+            pb::Modality::Video
+        } else {
+            pb::Modality::Image
+        } as i32,
+        video: c.video.map(|v| pb::VideoLimits {
+            default_num_frames: v.default_frames,
+            num_frames: Some(pb::Range {
+                min: 1,
+                max: v.max_frames,
+            }),
+            num_frames_step: v.frame_step,
+            default_fps: v.default_fps,
+        }),
     }
 }
 
@@ -133,7 +147,7 @@ fn counts(c: &ModuleCounts) -> pb::ModuleCounts {
 pub fn event(e: Result<Event, ServiceError>) -> Result<pb::GenerateEvent, Status> {
     use pb::generate_event::Event as Wire;
     let wire = match e? {
-        Event::Started(s) => Wire::Started(started(s)),
+        Event::Started(s) => Wire::Started(started(*s)),
         Event::Step(s) => Wire::Step(step(s)),
         Event::Completed(c) => Wire::Completed(completed(c)),
     };
@@ -158,6 +172,9 @@ fn started(s: events::Started) -> pb::Started {
             cache: Some(cache::cache_config_to_wire(&s.cache)),
             device: s.device,
             dtype: s.dtype,
+            num_frames: r.num_frames.unwrap_or(0) as u32,
+            fps: s.video.map_or(0, |v| v.fps),
+            use_dynamic_cfg: r.dynamic_cfg,
         }),
         setup_ms: s.setup_ms,
     }
@@ -198,6 +215,8 @@ fn completed(c: events::Completed) -> pb::Completed {
         estimated_flops_saved: c.estimated_flops_saved,
         estimated_flops_total: c.estimated_flops_total,
         calibrated_mag_ratios: c.calibrated_mag_ratios,
+        video: None,
+        frames: Vec::new(),
     }
 }
 

@@ -50,6 +50,7 @@ $(PARITY_STAMP): $(STAMP) $(wildcard tests/parity/*.py)
 	$(PY) tests/parity/make_cache_reference.py --data $(PARITY_DATA)
 	$(PY) tests/parity/make_cogvideox_reference.py --out $(PARITY_DATA)/cogvideox
 	$(PY) tests/parity/make_cogvideox_transformer.py --out $(PARITY_DATA)/cogvideox_transformer
+	$(PY) tests/parity/make_cogvideox_pipeline_reference.py --out $(PARITY_DATA)/cogvideox_pipeline
 	@touch $@
 
 test: setup lint parity-data

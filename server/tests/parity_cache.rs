@@ -9,14 +9,15 @@
 //! Data: `$DENOISED_PARITY_DATA/cache` or `<repo>/tests/parity/data/cache`; generate it with
 //! `make parity-data`. Missing data fails the tests. Run with `--nocapture` to see, per case, the
 //! difference to diffusers and how much the cache changed the output against no cache.
+#[path = "common/cache_spec.rs"]
+mod cache_spec;
 mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use cache_spec::cache_config;
 use common::max_abs_diff;
-use denoised_proto::v1 as pb;
-use denoised_server::api::convert::cache::cache_config as wire_cache_config;
 use denoised_server::cache::CacheConfig;
 use denoised_server::dit::pipeline::AnyPipeline;
 use denoised_server::dit::request::GenerationRequest;
@@ -63,143 +64,6 @@ fn cases(prefixes: &[&str]) -> Vec<Value> {
         path.display()
     );
     cases
-}
-
-/// The API config for a manifest `cache` object, validated and defaulted by the server's own code.
-fn cache_config(spec: &Value) -> CacheConfig {
-    let obj = spec.as_object().expect("cache spec is an object");
-    let kind = obj["kind"].as_str().expect("cache spec has a `kind`");
-    let u32_ = |key: &str| obj.get(key).map(|v| v.as_u64().unwrap() as u32);
-    let f32_ = |key: &str| obj.get(key).map(|v| v.as_f64().unwrap() as f32);
-    let bool_ = |key: &str| obj.get(key).map(|v| v.as_bool().unwrap());
-    let range = |key: &str| {
-        obj.get(key).map(|v| pb::FloatRange {
-            min: v[0].as_f64().unwrap() as f32,
-            max: v[1].as_f64().unwrap() as f32,
-        })
-    };
-    let known: &[&str] = match kind {
-        "none" => &[],
-        "pyramid_attention_broadcast" => &[
-            "spatial_attention_block_skip_range",
-            "spatial_attention_timestep_skip_range",
-        ],
-        "faster_cache" => &[
-            "spatial_attention_block_skip_range",
-            "spatial_attention_timestep_skip_range",
-            "attention_weight",
-            "is_guidance_distilled",
-            "unconditional_batch_skip_range",
-            "unconditional_batch_timestep_skip_range",
-            "low_frequency_weight_update_timestep_range",
-            "high_frequency_weight_update_timestep_range",
-            "alpha_low_frequency",
-            "alpha_high_frequency",
-        ],
-        "taylor_seer" => &[
-            "cache_interval",
-            "disable_cache_before_step",
-            "disable_cache_after_step",
-            "max_order",
-            "taylor_factors_dtype",
-            "use_lite_mode",
-        ],
-        "first_block_cache" => &["threshold"],
-        "mag_cache" => &[
-            "threshold",
-            "max_skip_steps",
-            "retention_ratio",
-            "num_inference_steps",
-            "mag_ratios",
-            "calibrate",
-        ],
-        other => panic!("unknown cache kind `{other}`"),
-    };
-    for key in obj.keys().filter(|k| *k != "kind") {
-        assert!(
-            known.contains(&key.as_str()),
-            "cache spec: `{key}` is not handled for {kind}"
-        );
-    }
-    use pb::cache_config::Strategy;
-    let strategy = match kind {
-        "none" => Strategy::None(pb::NoCache {}),
-        "pyramid_attention_broadcast" => {
-            Strategy::PyramidAttentionBroadcast(pb::PyramidAttentionBroadcast {
-                spatial_attention_block_skip_range: u32_("spatial_attention_block_skip_range"),
-                spatial_attention_timestep_skip_range: range(
-                    "spatial_attention_timestep_skip_range",
-                ),
-                ..Default::default()
-            })
-        }
-        "faster_cache" => Strategy::FasterCache(pb::FasterCache {
-            spatial_attention_block_skip_range: u32_("spatial_attention_block_skip_range"),
-            spatial_attention_timestep_skip_range: range("spatial_attention_timestep_skip_range"),
-            attention_weight: obj.get("attention_weight").map(|w| pb::AttentionWeight {
-                weight: Some(match w.get("linear") {
-                    Some(l) => pb::attention_weight::Weight::Linear(pb::FloatRange {
-                        min: l[0].as_f64().unwrap() as f32,
-                        max: l[1].as_f64().unwrap() as f32,
-                    }),
-                    None => pb::attention_weight::Weight::Constant(w.as_f64().unwrap() as f32),
-                }),
-            }),
-            is_guidance_distilled: bool_("is_guidance_distilled"),
-            unconditional_batch_skip_range: u32_("unconditional_batch_skip_range"),
-            unconditional_batch_timestep_skip_range: range(
-                "unconditional_batch_timestep_skip_range",
-            ),
-            low_frequency_weight_update_timestep_range: range(
-                "low_frequency_weight_update_timestep_range",
-            ),
-            high_frequency_weight_update_timestep_range: range(
-                "high_frequency_weight_update_timestep_range",
-            ),
-            alpha_low_frequency: f32_("alpha_low_frequency"),
-            alpha_high_frequency: f32_("alpha_high_frequency"),
-            ..Default::default()
-        }),
-        "taylor_seer" => Strategy::TaylorSeer(pb::TaylorSeer {
-            cache_interval: u32_("cache_interval"),
-            disable_cache_before_step: u32_("disable_cache_before_step"),
-            disable_cache_after_step: u32_("disable_cache_after_step"),
-            max_order: u32_("max_order"),
-            taylor_factors_dtype: match obj.get("taylor_factors_dtype").and_then(Value::as_str) {
-                None => pb::FactorDtype::Unspecified,
-                Some("float32") => pb::FactorDtype::Float32,
-                Some("bfloat16") => pb::FactorDtype::Bfloat16,
-                Some("float16") => pb::FactorDtype::Float16,
-                Some(other) => panic!("unknown factor dtype `{other}`"),
-            } as i32,
-            use_lite_mode: bool_("use_lite_mode"),
-            ..Default::default()
-        }),
-        "first_block_cache" => Strategy::FirstBlockCache(pb::FirstBlockCache {
-            threshold: f32_("threshold"),
-        }),
-        _ => Strategy::MagCache(pb::MagCache {
-            threshold: f32_("threshold"),
-            max_skip_steps: u32_("max_skip_steps"),
-            retention_ratio: f32_("retention_ratio"),
-            num_inference_steps: u32_("num_inference_steps"),
-            mag_ratios: obj
-                .get("mag_ratios")
-                .map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            calibrate: bool_("calibrate").unwrap_or(false),
-        }),
-    };
-    let config = pb::CacheConfig {
-        strategy: Some(strategy),
-    };
-    wire_cache_config(Some(&config), "cache").unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
 }
 
 fn request(case: &Value) -> GenerationRequest {

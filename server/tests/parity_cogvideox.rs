@@ -517,6 +517,7 @@ fn transformer_forward_matches_diffusers() {
                 num_steps: 1,
                 timestep: 981.0,
                 branch: Branch::Cond,
+                batched_cfg: true,
                 layout: Arc::new(VideoLayout),
             };
             let mut recorder = BlockRecorder::default();

@@ -115,6 +115,7 @@ fn test_context() -> ForwardContext {
         num_steps: 1,
         timestep: 730.0,
         branch: Branch::Cond,
+        batched_cfg: false,
         layout: Arc::new(FluxLayout { h: 6, w: 10 }),
     }
 }

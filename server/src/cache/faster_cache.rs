@@ -1,5 +1,6 @@
-//! FasterCache (arXiv 2410.19355), as diffusers 0.42.1 implements it, adapted to sequential
-//! true CFG (one forward per branch, as FLUX runs it).
+//! FasterCache (arXiv 2410.19355), as diffusers 0.42.1 implements it, for batched CFG (one
+//! `[uncond; cond]` forward per step, as CogVideoX runs it) and adapted to sequential true CFG (one
+//! forward per branch, as FLUX runs it).
 //!
 //! Two parts:
 //! - **Attention extrapolation.** Every attention module keeps its last two outputs `[older,
@@ -10,31 +11,35 @@
 //!   self-attention modules follow the spatial settings, temporal ones the temporal settings (not
 //!   hooked while `temporal_attention_block_skip_range` is unset); cross-attention is never
 //!   hooked, as in diffusers.
-//! - **Unconditional-branch reuse ("CFG-Cache").** diffusers skips the unconditional half of a
-//!   *batched* CFG forward. With sequential CFG (the conditional forward, then the unconditional
-//!   one) the unconditional forward itself is skipped (`before_forward`, branch `Uncond`) at step
-//!   iterations `i > 0` with `i mod n_uncond != 0` inside the uncond timestep range, and rebuilt
-//!   from the same step's conditional output: in the frequency domain of the latent grid the
-//!   family's [`LatentLayout`] gives (`[B, C, h, w]` or `[B, F, C, h, w]`; `fft2` over `h, w`,
-//!   shifted, low band = within radius `floor(min(h, w) / 5)` of the centre), `uncond = cond + delta` per band, where the deltas `uncond - cond` were taken
-//!   at the last step that ran both forwards and are multiplied by the band weight (`alpha` inside
-//!   that band's timestep range, else 1) on every skipped step, compounding as in diffusers. FFTs
-//!   run in float32; the result is cast back to the output dtype.
+//! - **Unconditional-branch reuse ("CFG-Cache").** At step iterations `i > 0` with
+//!   `i mod n_uncond != 0` inside the uncond timestep range, the unconditional output is not
+//!   computed but rebuilt from the same step's conditional output, in the frequency domain of the
+//!   latent grid the family's [`LatentLayout`] gives (`[B, C, h, w]` or `[B, F, C, h, w]`; `fft2`
+//!   over `h, w`, shifted, low band = within radius `floor(min(h, w) / 5)` of the centre):
+//!   `uncond = cond + delta` per band, where the deltas `uncond - cond` were taken at the last step
+//!   that computed both and are multiplied by the band weight (`alpha` inside that band's timestep
+//!   range, else 1) on every rebuilt step, compounding as in diffusers. FFTs run in float32; the
+//!   result is cast back to the output dtype. Under batched CFG the forward then runs the
+//!   conditional half only ([`CfgRows::CondOnly`]: latents, text and timestep of batch 1) and the
+//!   rebuilt half is concatenated in front; under sequential CFG the unconditional forward itself
+//!   is skipped (`before_forward`, branch `Uncond`).
 //!
 //! `is_guidance_distilled` (FLUX-dev, guidance by embedding) turns the uncond reuse off and lets
 //! every branch extrapolate its attention on its own schedule.
 //!
-//! Without it, the attention schedule follows what diffusers' batched CFG does: a step that runs
-//! the unconditional forward is a full-batch forward there, whose attention always computes, so
-//! here the unconditional branch always computes its attention (and keeps no attention cache) and
-//! the conditional branch extrapolates only at steps whose unconditional forward is rebuilt. With
-//! no unconditional forward at all (no true CFG) the conditional branch extrapolates on its own
+//! Without it, attention is extrapolated only on steps whose unconditional output is rebuilt:
+//! diffusers' batched forward computes attention whenever it runs the full batch, and keeps the
+//! conditional half of its outputs (the only half ever extrapolated). Sequential CFG follows the
+//! same schedule: the unconditional branch always computes its attention (and keeps no attention
+//! cache), the conditional branch extrapolates at steps whose unconditional forward is rebuilt.
+//! With no unconditional forward at all (no CFG) the conditional branch extrapolates on its own
 //! schedule, as distilled (diffusers cannot run that case).
 //!
-//! Divergences from diffusers, besides the sequential CFG above: state is per CFG branch (diffusers
-//! shares attention caches between FLUX's separately-run branches); a module with nothing cached
-//! yet computes (diffusers crashes when a distilled run's first call is already in range, e.g. a
-//! switch to FasterCache late in a generation).
+//! Divergences from diffusers: under sequential CFG, state is per CFG branch (diffusers shares
+//! attention caches between FLUX's separately-run branches); a module with nothing cached yet
+//! computes (diffusers crashes when a distilled run's first call is already in range, e.g. a
+//! switch to FasterCache late in a generation), and nothing is rebuilt before a step computed both
+//! halves.
 use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
@@ -42,7 +47,8 @@ use tch::{Kind, Tensor};
 use super::config::{FasterCacheConfig, TimestepRange};
 use super::{bytes_of, CacheKind, CacheStrategy, PerBranch};
 use crate::dit::hooks::{
-    AttentionId, AttentionRole, Branch, Decision, ForwardContext, Tensors, TransformerHooks,
+    AttentionId, AttentionRole, Branch, CfgRows, Decision, ForwardContext, Tensors,
+    TransformerHooks,
 };
 #[cfg(doc)]
 use crate::dit::layout::LatentLayout;
@@ -53,6 +59,8 @@ pub struct FasterCache {
     config: FasterCacheConfig,
     /// The forward in progress.
     branch: Branch,
+    /// It is a batched `[uncond; cond]` forward.
+    batched: bool,
     step: usize,
     num_steps: usize,
     timestep: f64,
@@ -82,6 +90,7 @@ impl FasterCache {
         Self {
             config,
             branch: Branch::Cond,
+            batched: false,
             step: 0,
             num_steps: 0,
             timestep: 0.0,
@@ -103,6 +112,62 @@ impl FasterCache {
     fn extrapolates_attention(&self) -> bool {
         self.config.is_guidance_distilled
             || (self.branch == Branch::Cond && (!self.has_uncond || self.reuse_uncond))
+    }
+
+    /// Records where the forward in progress stands.
+    fn observe(&mut self, ctx: &ForwardContext) {
+        self.branch = ctx.branch;
+        self.batched = ctx.batched_cfg;
+        self.step = ctx.step;
+        self.num_steps = ctx.num_steps;
+        self.timestep = ctx.timestep;
+    }
+
+    /// A step begins (the conditional forward, or the batched one): decides whether its
+    /// unconditional output is rebuilt instead of computed. The conditional forward's attention
+    /// schedule depends on it.
+    fn begin_step(&mut self, ctx: &ForwardContext) {
+        let c = &self.config;
+        let iteration = self.steps_begun;
+        self.steps_begun += 1;
+        self.reuse_uncond = !c.is_guidance_distilled
+            && iteration > 0
+            && c.unconditional_batch_timestep_skip_range
+                .contains(ctx.timestep)
+            && !iteration.is_multiple_of(c.unconditional_batch_skip_range as u64)
+            // Nothing to rebuild from yet (only after a switch to FasterCache mid-generation).
+            && self.deltas.is_some();
+    }
+
+    /// The unconditional output rebuilt from the conditional one: `cond + delta` per frequency
+    /// band, the deltas weighted first (and stored back, so consecutive reuses compound the
+    /// weights, as in diffusers).
+    fn rebuilt_uncond(&mut self, cond: &Tensor, ctx: &ForwardContext) -> Tensor {
+        let c = &self.config;
+        let (low_delta, high_delta) = self
+            .deltas
+            .take()
+            .expect("an unconditional output is rebuilt only from stored deltas");
+        let t = ctx.timestep;
+        let low_delta = low_delta
+            * band_weight(
+                c.alpha_low_frequency,
+                c.low_frequency_weight_update_timestep_range,
+                t,
+            );
+        let high_delta = high_delta
+            * band_weight(
+                c.alpha_high_frequency,
+                c.high_frequency_weight_update_timestep_range,
+                t,
+            );
+        let (low, high) = Self::bands(cond, ctx);
+        let uncond = ctx
+            .layout
+            .to_tokens(&from_bands(&((&low_delta + low) + (&high_delta + high))))
+            .to_kind(cond.kind());
+        self.deltas = Some((low_delta, high_delta));
+        uncond
     }
 
     /// The frequency bands of a forward's output on its latent grid, in float32.
@@ -172,52 +237,41 @@ fn from_bands(spectrum: &Tensor) -> Tensor {
 }
 
 impl TransformerHooks for FasterCache {
+    fn cfg_rows(&mut self, ctx: &ForwardContext) -> CfgRows {
+        self.observe(ctx);
+        self.has_uncond = true;
+        self.begin_step(ctx);
+        if self.reuse_uncond {
+            CfgRows::CondOnly
+        } else {
+            CfgRows::Both
+        }
+    }
+
+    fn rebuild_uncond(&mut self, ctx: &ForwardContext, cond: &Tensor) -> Tensor {
+        let uncond = self.rebuilt_uncond(cond, ctx);
+        Tensor::cat(&[&uncond, cond], 0)
+    }
+
     fn before_forward(&mut self, ctx: &ForwardContext) -> Decision<Tensor> {
-        self.branch = ctx.branch;
-        self.step = ctx.step;
-        self.num_steps = ctx.num_steps;
-        self.timestep = ctx.timestep;
-        let c = &self.config;
+        self.observe(ctx);
+        if ctx.batched_cfg {
+            // The step began in `cfg_rows`.
+            return Decision::Compute;
+        }
         match ctx.branch {
             Branch::Cond => {
-                let iteration = self.steps_begun;
-                self.steps_begun += 1;
-                // Decided here: the conditional forward's attention schedule depends on it.
-                self.reuse_uncond = !c.is_guidance_distilled
-                    && iteration > 0
-                    && c.unconditional_batch_timestep_skip_range
-                        .contains(ctx.timestep)
-                    && !iteration.is_multiple_of(c.unconditional_batch_skip_range as u64);
+                self.begin_step(ctx);
                 Decision::Compute
             }
             Branch::Uncond => {
                 self.has_uncond = true;
-                let (true, Some(cond), Some((low_delta, high_delta))) =
-                    (self.reuse_uncond, &self.cond_output, &self.deltas)
-                else {
-                    return Decision::Compute;
-                };
-                let t = ctx.timestep;
-                let low_delta = low_delta
-                    * band_weight(
-                        c.alpha_low_frequency,
-                        c.low_frequency_weight_update_timestep_range,
-                        t,
-                    );
-                let high_delta = high_delta
-                    * band_weight(
-                        c.alpha_high_frequency,
-                        c.high_frequency_weight_update_timestep_range,
-                        t,
-                    );
-                let (low, high) = Self::bands(cond, ctx);
-                let uncond = ctx
-                    .layout
-                    .to_tokens(&from_bands(&((&low_delta + low) + (&high_delta + high))))
-                    .to_kind(cond.kind());
-                // Stored back: consecutive reuses compound the weights, as in diffusers.
-                self.deltas = Some((low_delta, high_delta));
-                Decision::Predict(uncond)
+                match self.cond_output.as_ref().map(Tensor::shallow_clone) {
+                    Some(cond) if self.reuse_uncond => {
+                        Decision::Predict(self.rebuilt_uncond(&cond, ctx))
+                    }
+                    _ => Decision::Compute,
+                }
             }
         }
     }
@@ -226,13 +280,25 @@ impl TransformerHooks for FasterCache {
         if self.config.is_guidance_distilled {
             return;
         }
+        let deltas = |uncond: &Tensor, cond: &Tensor| {
+            let (low_u, high_u) = Self::bands(uncond, ctx);
+            let (low_c, high_c) = Self::bands(cond, ctx);
+            (low_u - low_c, high_u - high_c)
+        };
+        if ctx.batched_cfg {
+            // A full `[uncond; cond]` batch refreshes the deltas; a conditional-only one is
+            // completed by `rebuild_uncond`.
+            if !self.reuse_uncond {
+                let halves = output.chunk(2, 0);
+                self.deltas = Some(deltas(&halves[0], &halves[1]));
+            }
+            return;
+        }
         match ctx.branch {
             Branch::Cond => self.cond_output = Some(output.shallow_clone()),
             Branch::Uncond => {
                 if let Some(cond) = &self.cond_output {
-                    let (low_u, high_u) = Self::bands(output, ctx);
-                    let (low_c, high_c) = Self::bands(cond, ctx);
-                    self.deltas = Some((low_u - low_c, high_u - high_c));
+                    self.deltas = Some(deltas(output, cond));
                 }
             }
         }
@@ -274,14 +340,25 @@ impl TransformerHooks for FasterCache {
         if !self.keeps_attention() || self.settings(id.role).is_none() {
             return;
         }
+        // A full batched-CFG batch keeps its conditional half: the only one ever extrapolated.
+        let output = if self.batched && !self.config.is_guidance_distilled && !self.reuse_uncond {
+            Tensors(
+                output
+                    .iter()
+                    .map(|t| t.chunk(2, 0)[1].shallow_clone())
+                    .collect(),
+            )
+        } else {
+            output.shallow_clone()
+        };
         let state = self
             .attention
             .get_mut(self.branch)
             .entry(id.index)
             .or_default();
         state.cache = Some(match state.cache.take() {
-            Some([_, newer]) => [newer, output.shallow_clone()],
-            None => [output.shallow_clone(), output.shallow_clone()],
+            Some([_, newer]) => [newer, output],
+            None => [output.shallow_clone(), output],
         });
     }
 }

@@ -167,6 +167,7 @@ mod test_util {
             num_steps: 50,
             timestep,
             branch,
+            batched_cfg: false,
             layout: Arc::new(layout()),
         }
     }

@@ -34,7 +34,11 @@ pub struct ForwardContext {
     pub num_steps: usize,
     /// Scheduler timestep on the 0..1000 scale (`sigma * 1000` for flow matching).
     pub timestep: f64,
+    /// The CFG branch of a sequential forward; `Cond` for a batched one.
     pub branch: Branch,
+    /// The forward's batch is `[uncond; cond]` (classifier-free guidance in one forward, as
+    /// CogVideoX runs it); strategies keep one state for it, as diffusers' single cache context.
+    pub batched_cfg: bool,
     /// How the forward's output tokens map to the latent grid (FasterCache splits frequencies
     /// over the grid's spatial axes).
     pub layout: Arc<dyn LatentLayout>,
@@ -133,6 +137,15 @@ impl std::ops::Index<usize> for Tensors {
     }
 }
 
+/// Which halves of a batched-CFG forward run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CfgRows {
+    Both,
+    /// Only the conditional half (batch 1); the strategy rebuilds the unconditional one
+    /// ([`TransformerHooks::rebuild_uncond`]): FasterCache's CFG-Cache.
+    CondOnly,
+}
+
 /// A strategy's answer for one module call.
 #[derive(Debug)]
 pub enum Decision<T> {
@@ -153,6 +166,21 @@ pub enum Decision<T> {
 /// and the tensors they hand back may be such handles: the transformer must not modify either in
 /// place.
 pub trait TransformerHooks {
+    /// Asked first for a batched-CFG forward ([`ForwardContext::batched_cfg`]): which halves of
+    /// the batch to run.
+    fn cfg_rows(&mut self, _ctx: &ForwardContext) -> CfgRows {
+        CfgRows::Both
+    }
+    /// After a [`CfgRows::CondOnly`] forward, with its (conditional, batch-1) output: the full
+    /// `[uncond; cond]` output. Asked only of strategies that answered `CondOnly`.
+    fn rebuild_uncond(&mut self, _ctx: &ForwardContext, cond: &Tensor) -> Tensor {
+        unreachable!(
+            "a strategy that runs only the conditional half must rebuild the unconditional one \
+             (got {:?})",
+            cond.size()
+        )
+    }
+
     fn before_forward(&mut self, _ctx: &ForwardContext) -> Decision<Tensor> {
         Decision::Compute
     }
@@ -207,6 +235,23 @@ impl ModuleCounts {
     /// Modules that did not run.
     pub fn not_computed(&self) -> u32 {
         self.total() - self.computed
+    }
+
+    /// What was recorded since `earlier` (a copy of these counts taken before).
+    pub fn since(&self, earlier: &ModuleCounts) -> ModuleCounts {
+        ModuleCounts {
+            computed: self.computed - earlier.computed,
+            reused: self.reused - earlier.reused,
+            predicted: self.predicted - earlier.predicted,
+            skipped: self.skipped - earlier.skipped,
+        }
+    }
+
+    pub fn add(&mut self, other: &ModuleCounts) {
+        self.computed += other.computed;
+        self.reused += other.reused;
+        self.predicted += other.predicted;
+        self.skipped += other.skipped;
     }
 }
 

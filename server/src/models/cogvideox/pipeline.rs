@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::scheduler::{CogVideoXScheduler, CogVideoXSchedulerConfig, SchedulerKind};
 use super::transformer::{CogVideoXTransformer, Positions};
 use super::vae::AutoencoderKLCogVideoX;
-use crate::dit::hooks::{Branch, ForwardContext, StepStats, TransformerHooks};
+use crate::dit::hooks::{Branch, CfgRows, ForwardContext, StepStats, TransformerHooks};
 use crate::dit::layout::LatentLayout;
 use crate::dit::pipeline::{
     Frames, ModelCard, Pipeline, Progress, StepCost, StepOutput, VideoCard,
@@ -379,15 +379,6 @@ impl Pipeline for CogVideoXPipeline {
         );
         let _no_grad = tch::no_grad_guard();
         let t = gen.scheduler.timesteps()[index];
-        let model_input = if gen.cfg {
-            Tensor::cat(&[&gen.latents, &gen.latents], 0)
-        } else {
-            gen.latents.shallow_clone()
-        };
-        let batch = model_input.size()[0];
-        let timestep = Tensor::from(t)
-            .to_device(self.device)
-            .expand([batch], false);
         // The batched forward is one pass of the model: its strategies keep one state for it, as
         // diffusers' single "cond_uncond" cache context does.
         let ctx = ForwardContext {
@@ -395,20 +386,58 @@ impl Pipeline for CogVideoXPipeline {
             num_steps: total,
             timestep: t as f64,
             branch: Branch::Cond,
+            batched_cfg: gen.cfg,
             layout: gen.layout.clone(),
         };
-        let prediction = self
-            .transformer
-            .forward(
-                &model_input,
-                &gen.prompt_embeds,
-                &timestep,
-                &gen.positions,
-                &ctx,
-                hooks,
-                stats,
-            )
-            .to_kind(Kind::Float);
+        let rows = if gen.cfg {
+            hooks.cfg_rows(&ctx)
+        } else {
+            CfgRows::Both
+        };
+        let (model_input, prompt_embeds) = match (gen.cfg, rows) {
+            (true, CfgRows::Both) => (
+                Tensor::cat(&[&gen.latents, &gen.latents], 0),
+                gen.prompt_embeds.shallow_clone(),
+            ),
+            // Without CFG the embeddings are the positive prompt's alone.
+            (false, _) => (
+                gen.latents.shallow_clone(),
+                gen.prompt_embeds.shallow_clone(),
+            ),
+            (true, CfgRows::CondOnly) => (
+                gen.latents.shallow_clone(),
+                gen.prompt_embeds.narrow(0, 1, 1),
+            ),
+        };
+        let batch = model_input.size()[0];
+        let timestep = Tensor::from(t)
+            .to_device(self.device)
+            .expand([batch], false);
+        let before = stats.forwards;
+        let prediction = self.transformer.forward(
+            &model_input,
+            &prompt_embeds,
+            &timestep,
+            &gen.positions,
+            &ctx,
+            hooks,
+            stats,
+        );
+        // Forwards count CFG halves, as under sequential CFG: the call recorded one; the other half
+        // went the same way, or was rebuilt by the strategy.
+        let prediction = match (gen.cfg, rows) {
+            (true, CfgRows::Both) => {
+                let first = stats.forwards.since(&before);
+                stats.forwards.add(&first);
+                prediction
+            }
+            (true, CfgRows::CondOnly) => {
+                stats.forwards.predicted += 1;
+                hooks.rebuild_uncond(&ctx, &prediction)
+            }
+            (false, _) => prediction,
+        }
+        .to_kind(Kind::Float);
         let noise_pred = if gen.cfg {
             let scale = if gen.dynamic_cfg {
                 dynamic_guidance(gen.guidance_scale, total, t)
@@ -482,7 +511,13 @@ impl Pipeline for CogVideoXPipeline {
     }
 
     fn step_cost(&self, gen: &CogVideoXGeneration, stats: &StepStats) -> StepCost {
-        let rows = gen.prompt_embeds.size()[0];
+        // The batched forward ran the CFG halves that were computed (one when the unconditional
+        // half was rebuilt).
+        let rows = if gen.cfg {
+            i64::from(stats.forwards.computed).max(1)
+        } else {
+            1
+        };
         let text = gen.prompt_embeds.size()[1];
         let (_, f, _, h, w) = gen.latents.size5().expect("latents are [B, F, C, h, w]");
         let p = self.transformer.config().patch_size;

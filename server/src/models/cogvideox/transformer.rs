@@ -325,18 +325,19 @@ impl CogVideoXTransformer {
         4.0 * l * d * d + 2.0 * l * l * d
     }
 
-    /// Estimated FLOPs (2 per multiply-add) of one step whose forwards run `rows` samples of
-    /// `tokens` tokens, and the part the cache saved: skipped forwards save every block, skipped
+    /// Estimated FLOPs (2 per multiply-add) of one step of samples of `tokens` tokens, and the
+    /// part the cache saved. `stats.forwards` counts one forward per sample (CFG half); the module
+    /// calls of the step ran on `rows` samples at once. Skipped forwards save every block, skipped
     /// blocks their own cost, reused or predicted attention the attention module's cost.
     pub fn step_flops(&self, rows: i64, tokens: i64, stats: &StepStats) -> (f64, f64) {
-        let rows = rows as f64;
-        let block = 2.0 * rows * self.block_flops(tokens);
-        let attention = 2.0 * rows * self.attention_flops(tokens);
+        let block = 2.0 * self.block_flops(tokens);
+        let attention = 2.0 * self.attention_flops(tokens);
         let per_forward = self.num_blocks() as f64 * block;
+        let rows = rows as f64;
         let total = stats.forwards.total() as f64 * per_forward;
         let saved = stats.forwards.not_computed() as f64 * per_forward
-            + stats.blocks.not_computed() as f64 * block
-            + stats.attention.not_computed() as f64 * attention;
+            + stats.blocks.not_computed() as f64 * rows * block
+            + stats.attention.not_computed() as f64 * rows * attention;
         (total, saved.min(total))
     }
 

@@ -477,6 +477,7 @@ impl Pipeline for FluxPipeline {
                 num_steps: total,
                 timestep: f64::from(t),
                 branch,
+                batched_cfg: false,
                 layout: gen.layout.clone(),
             };
             self.transformer.forward(

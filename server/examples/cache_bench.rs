@@ -1,9 +1,15 @@
 //! Cache strategies against no cache on one model, through the engine's own step loop (no gRPC):
-//! wall time, speed-up, PSNR and max |Δ| of the final image vs. no cache, the estimated fraction
-//! of transformer FLOPs skipped, and the peak bytes the cache held. Prints a Markdown table.
+//! wall time, speed-up, PSNR and max |Δ| of the final image (every frame of a video) vs. no cache,
+//! the estimated fraction of transformer FLOPs skipped, the fractions of attention calls and of
+//! unconditional CFG halves not computed, and the peak bytes the cache held. Prints a Markdown
+//! table.
 //!
 //! `cargo run --release -p denoised-server --example cache_bench -- MODEL_DIR [steps] [size]
 //! [max_sequence_length] [device]`
+//!
+//! Image models (FLUX) run every strategy with its defaults on four prompts; video models
+//! (CogVideoX, at their default size and frame count unless `size` is given) run the diffusers
+//! guide's CogVideoX configurations of PAB and FasterCache on one prompt, as they are slower.
 //!
 //! MagCache needs magnitude ratios for the model and step count: the bench first runs a
 //! calibration generation (as a user would through the API) and uses the ratios it returns.
@@ -28,10 +34,15 @@ const PROMPTS: [&str; 4] = [
 ];
 
 struct Run {
+    /// Every frame's RGB8 pixels, concatenated.
     rgb: Vec<u8>,
     time: Duration,
     flops_total: f64,
     flops_saved: f64,
+    /// Attention calls, and those not computed.
+    attention: (u32, u32),
+    /// CFG halves (forwards), and those rebuilt instead of computed.
+    forwards: (u32, u32),
     peak_state_bytes: u64,
     calibrated: Option<Vec<f32>>,
 }
@@ -39,18 +50,25 @@ struct Run {
 fn generate(pipeline: &dyn AnyPipeline, params: &GenerationRequest, config: &CacheConfig) -> Run {
     let started = Instant::now();
     let mut run = Denoise::start(pipeline, params, config.clone()).expect("generation starts");
-    let mut peak = 0;
+    let (mut peak, mut attention, mut forwards) = (0, (0, 0), (0, 0));
     while !run.progress(pipeline).is_done() {
         let report = run.step(pipeline).expect("step");
         peak = peak.max(report.state_bytes);
+        let s = report.stats;
+        attention.0 += s.attention.total();
+        attention.1 += s.attention.not_computed();
+        forwards.0 += s.forwards.total();
+        forwards.1 += s.forwards.not_computed();
     }
     let frames = pipeline.decode(run.generation());
     let totals = run.totals();
     Run {
-        rgb: frames.frames.into_iter().next().expect("one image"),
+        rgb: frames.frames.concat(),
         time: started.elapsed(),
         flops_total: totals.flops_total,
         flops_saved: totals.flops_saved,
+        attention,
+        forwards,
         peak_state_bytes: peak,
         calibrated: run.strategy().calibrated_mag_ratios(),
     }
@@ -95,56 +113,29 @@ fn config(strategy: Strategy) -> CacheConfig {
     .expect("valid config")
 }
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let model: PathBuf = args
-        .next()
-        .expect("usage: cache_bench MODEL_DIR [steps] [size] [max_seq] [device]")
-        .into();
-    let steps: usize = args.next().map_or(28, |s| s.parse().expect("steps"));
-    let size: usize = args.next().map_or(64, |s| s.parse().expect("size"));
-    let max_sequence_length: usize = args
-        .next()
-        .map_or(32, |s| s.parse().expect("max_sequence_length"));
-    let device = parse_device(&args.next().unwrap_or_else(|| "auto".into())).expect("device");
-    let kind = parse_dtype("auto", device).expect("dtype");
-    let _no_grad = tch::no_grad_guard();
-    let loaded = Instant::now();
-    let pipeline = load_pipeline(&model, device, kind).expect("model loads");
-    let pipeline = pipeline.as_ref();
-    println!(
-        "model {} loaded in {:?} on {device:?} ({kind:?}), peak RSS {}",
-        model.display(),
-        loaded.elapsed(),
-        peak_rss()
-    );
+/// The share `part / whole` in percent.
+fn percent((whole, part): (u32, u32)) -> f64 {
+    100.0 * part as f64 / whole.max(1) as f64
+}
 
-    let params = |prompt: &str, seed: u64| GenerationRequest {
-        prompt: prompt.into(),
-        negative_prompt: None,
-        width: size,
-        height: size,
-        steps,
-        guidance: 3.5,
-        true_cfg_scale: 1.0,
-        seed,
-        max_sequence_length,
-        num_frames: None,
-        dynamic_cfg: false,
-    };
-    // Warm-up (allocator, first kernels), then MagCache calibration on the first prompt.
-    generate(pipeline, &params(PROMPTS[0], 0), &CacheConfig::None);
-    let calibration = generate(
+/// Every strategy with its defaults (MagCache with ratios from a calibration run first, as a user
+/// would obtain them through the API).
+fn image_strategies(
+    pipeline: &dyn AnyPipeline,
+    calibration: &GenerationRequest,
+    steps: usize,
+) -> Vec<(&'static str, CacheConfig)> {
+    let calibrated = generate(
         pipeline,
-        &params(PROMPTS[0], 0),
+        calibration,
         &config(Strategy::MagCache(pb::MagCache {
             calibrate: true,
             ..Default::default()
         })),
     );
-    let mag_ratios = calibration.calibrated.expect("calibration returns ratios");
-
-    let strategies: Vec<(&str, CacheConfig)> = vec![
+    let mag_ratios = calibrated.calibrated.expect("calibration returns ratios");
+    println!("magcache ratios (calibrated): {mag_ratios:?}");
+    vec![
         ("none", CacheConfig::None),
         (
             "pab (defaults)",
@@ -178,20 +169,123 @@ fn main() {
         (
             "magcache (calibrated, defaults)",
             config(Strategy::MagCache(pb::MagCache {
-                mag_ratios: mag_ratios.clone(),
+                mag_ratios,
                 num_inference_steps: Some(steps as u32),
                 ..Default::default()
             })),
         ),
-    ];
+    ]
+}
 
-    // Strategies run interleaved, prompt by prompt, `REPEATS` times; each time is the fastest of
+/// The diffusers caching guide's CogVideoX configurations.
+fn video_strategies() -> Vec<(&'static str, CacheConfig)> {
+    let range = |min: f32, max: f32| Some(pb::FloatRange { min, max });
+    vec![
+        ("none", CacheConfig::None),
+        (
+            "pab (guide: 2, (100, 800))",
+            config(Strategy::PyramidAttentionBroadcast(
+                pb::PyramidAttentionBroadcast {
+                    spatial_attention_block_skip_range: Some(2),
+                    spatial_attention_timestep_skip_range: range(100.0, 800.0),
+                    ..Default::default()
+                },
+            )),
+        ),
+        (
+            "fastercache (guide: 2, (-1, 681), w 0.3, uncond 5, (-1, 781))",
+            config(Strategy::FasterCache(pb::FasterCache {
+                spatial_attention_block_skip_range: Some(2),
+                spatial_attention_timestep_skip_range: range(-1.0, 681.0),
+                attention_weight: Some(pb::AttentionWeight {
+                    weight: Some(pb::attention_weight::Weight::Constant(0.3)),
+                }),
+                unconditional_batch_skip_range: Some(5),
+                unconditional_batch_timestep_skip_range: range(-1.0, 781.0),
+                ..Default::default()
+            })),
+        ),
+    ]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let model: PathBuf = args
+        .next()
+        .expect("usage: cache_bench MODEL_DIR [steps] [size] [max_seq] [device]")
+        .into();
+    let steps: Option<usize> = args.next().map(|s| s.parse().expect("steps"));
+    let size: Option<usize> = args.next().map(|s| s.parse().expect("size"));
+    let max_sequence_length: Option<usize> =
+        args.next().map(|s| s.parse().expect("max_sequence_length"));
+    let device = parse_device(&args.next().unwrap_or_else(|| "auto".into())).expect("device");
+    let kind = parse_dtype("auto", device).expect("dtype");
+    let _no_grad = tch::no_grad_guard();
+    let loaded = Instant::now();
+    let pipeline = load_pipeline(&model, device, kind).expect("model loads");
+    let pipeline = pipeline.as_ref();
+    println!(
+        "model {} loaded in {:?} on {device:?} ({kind:?}), peak RSS {}",
+        model.display(),
+        loaded.elapsed(),
+        peak_rss()
+    );
+    let card = pipeline.card().clone();
+    // denoised.json's serving defaults, as the server applies them.
+    let defaults: serde_json::Value = std::fs::read_to_string(model.join("denoised.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let default =
+        |key: &str, card: u32| defaults[key].as_u64().map_or(card as usize, |v| v as usize);
+    let video = card.video;
+    let steps = steps.unwrap_or_else(|| match video {
+        Some(_) => default("steps", card.default_steps),
+        None => 28,
+    });
+    let (width, height) = match (size, video) {
+        (Some(s), _) => (s, s),
+        (None, Some(_)) => (
+            default("width", card.default_width),
+            default("height", card.default_height),
+        ),
+        (None, None) => (64, 64),
+    };
+    let max_sequence_length = max_sequence_length.unwrap_or(match video {
+        Some(_) => card.max_sequence_length,
+        None => 32,
+    });
+    let prompts: &[&str] = if video.is_some() {
+        &PROMPTS[..1]
+    } else {
+        &PROMPTS
+    };
+    let params = |prompt: &str, seed: u64| GenerationRequest {
+        prompt: prompt.into(),
+        negative_prompt: None,
+        width,
+        height,
+        steps,
+        guidance: if video.is_some() { 6.0 } else { 3.5 },
+        true_cfg_scale: 1.0,
+        seed,
+        max_sequence_length,
+        num_frames: video.map(|v| v.default_frames as usize),
+        dynamic_cfg: false,
+    };
+    // Warm-up (allocator, first kernels).
+    generate(pipeline, &params(prompts[0], 0), &CacheConfig::None);
+    let strategies = match video {
+        Some(_) => video_strategies(),
+        None => image_strategies(pipeline, &params(PROMPTS[0], 0), steps),
+    };
+    // Strategies run interleaved, prompt by prompt, `repeats` times; each time is the fastest of
     // its repeats, which keeps other load on the machine out of the comparison.
-    const REPEATS: usize = 3;
+    let repeats = if video.is_some() { 2 } else { 3 };
     let mut runs: Vec<Vec<Run>> = strategies.iter().map(|_| Vec::new()).collect();
-    for (i, prompt) in PROMPTS.iter().enumerate() {
+    for (i, prompt) in prompts.iter().enumerate() {
         let mut best: Vec<Option<Run>> = strategies.iter().map(|_| None).collect();
-        for _ in 0..REPEATS {
+        for _ in 0..repeats {
             for ((_, cfg), slot) in strategies.iter().zip(best.iter_mut()) {
                 let run = generate(pipeline, &params(prompt, i as u64), cfg);
                 if slot.as_ref().is_none_or(|b| run.time < b.time) {
@@ -205,12 +299,13 @@ fn main() {
     }
     let baseline = &runs[0];
     let base_time: Duration = baseline.iter().map(|r| r.time).sum();
+    let frames = video.map_or(String::new(), |v| format!(", {} frames", v.default_frames));
     println!(
-        "\n{size}x{size}, {steps} steps, {} prompts, {device:?}\n",
-        PROMPTS.len()
+        "\n{width}x{height}{frames}, {steps} steps, {} prompt(s), {device:?}\n",
+        prompts.len()
     );
-    println!("| strategy | wall time | speed-up | PSNR vs none (dB) | max abs diff | transformer compute skipped | peak cache memory |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| strategy | wall time | speed-up | PSNR vs none (dB) | max abs diff | transformer compute skipped | attention not computed | uncond halves rebuilt | peak cache memory |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for ((name, _), runs) in strategies.iter().zip(&runs) {
         let time: Duration = runs.iter().map(|r| r.time).sum();
         let (mut psnr_sum, mut max_delta) = (0.0, 0u8);
@@ -222,15 +317,23 @@ fn main() {
         let total: f64 = runs.iter().map(|r| r.flops_total).sum();
         let saved: f64 = runs.iter().map(|r| r.flops_saved).sum();
         let peak = runs.iter().map(|r| r.peak_state_bytes).max().unwrap_or(0);
+        let sum = |f: fn(&Run) -> (u32, u32)| {
+            runs.iter()
+                .map(f)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        // Unconditional halves are half of all CFG halves: report them against that half.
+        let (halves, rebuilt) = sum(|r| r.forwards);
         println!(
-            "| {name} | {:.0} ms | {:.2}x | {:.1} | {max_delta} | {:.0}% | {:.1} KiB |",
+            "| {name} | {:.0} ms | {:.2}x | {:.1} | {max_delta} | {:.0}% | {:.0}% | {:.0}% | {:.1} KiB |",
             time.as_secs_f64() * 1000.0 / runs.len() as f64,
             base_time.as_secs_f64() / time.as_secs_f64(),
             psnr_sum / runs.len() as f64,
             100.0 * saved / total.max(1.0),
+            percent(sum(|r| r.attention)),
+            percent((halves / 2, rebuilt)),
             peak as f64 / 1024.0,
         );
     }
-    println!("\nmagcache ratios (calibrated): {mag_ratios:?}");
     println!("peak RSS of the whole run: {}", peak_rss());
 }

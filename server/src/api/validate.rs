@@ -151,7 +151,10 @@ fn video(
     if frames > max || (frames - 1) % step != 0 {
         return Err(ServiceError::invalid(
             "num_frames",
-            format!("must be 1 + {step}·k frames, at most {max}; got {frames}"),
+            format!(
+                "must be 1 + {step}·k frames (counts the model returns exactly), at most {max}; \
+                 got {frames}"
+            ),
         ));
     }
     let pixels = u64::from(frames) * u64::from(width) * u64::from(height);

@@ -51,9 +51,10 @@ const DEFAULT_GUIDANCE: f32 = 6.0;
 const MAX_SEQUENCE_LENGTH: usize = 226;
 /// The frame rate CogVideoX's examples export at (`export_to_video(..., fps=8)`).
 const DEFAULT_FPS: u32 = 8;
-/// Largest frame edge and frame count served.
+/// Largest frame edge served.
 const MAX_SIZE: u32 = 2048;
-const MAX_LATENT_FRAMES: u32 = 64;
+/// Latent frames at most (odd: see the card's frame step).
+const MAX_LATENT_FRAMES: u32 = 65;
 
 /// CogVideoX's latents are the transformer's input and output layout, `[B, F, C, H, W]`.
 #[derive(Debug)]
@@ -550,7 +551,10 @@ fn card(
     } else {
         c.max_text_seq_length as usize
     };
-    let step = vae_scale_temporal as u32;
+    // The causal VAE decodes an odd number f of latent frames to 4f − 3 frames but an even one to
+    // 4f (diffusers returns 16 frames for 13): served counts keep f odd, so a video has exactly
+    // the frames asked for.
+    let step = 2 * vae_scale_temporal as u32;
     ModelCard {
         family: "cogvideox",
         variant: variant.into(),
@@ -568,7 +572,7 @@ fn card(
         max_sequence_length,
         video: Some(VideoCard {
             default_frames: c.sample_frames as u32,
-            max_frames: 1 + step * (MAX_LATENT_FRAMES - 1),
+            max_frames: 1 + vae_scale_temporal as u32 * (MAX_LATENT_FRAMES - 1),
             frame_step: step,
             default_fps: DEFAULT_FPS,
         }),

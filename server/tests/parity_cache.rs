@@ -28,8 +28,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Largest accepted |rust − diffusers| of the final latents.
 const TOLERANCE: f64 = 1e-4;
-/// Largest accepted difference of a calibrated magnitude ratio.
-const RATIO_TOLERANCE: f64 = 1e-5;
 
 fn data_dir() -> PathBuf {
     std::env::var_os("DENOISED_PARITY_DATA")
@@ -178,34 +176,12 @@ fn check(prefixes: &[&str]) {
                 run.decisions
             ));
         }
-        match case.get("calibrated_mag_ratios").filter(|r| !r.is_null()) {
-            Some(expected) => {
-                let expected: Vec<f64> = serde_json::from_value(expected.clone()).unwrap();
-                let got = run.calibrated.unwrap_or_default();
-                let worst = got
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (*a as f64 - b).abs())
-                    .fold(0.0, f64::max);
-                println!("{name}: calibrated ratios {got:?}, max|Δ| = {worst:.3e}");
-                if got.len() != expected.len() || worst > RATIO_TOLERANCE {
-                    failures.push(format!(
-                        "{name}: calibrated ratios {got:?}, diffusers {expected:?}"
-                    ));
-                }
-                // Calibration never skips.
-                if change != 0.0 {
-                    failures.push(format!(
-                        "{name}: calibration changed the output by {change:e}"
-                    ));
-                }
-            }
-            // Each case was chosen so that the cache changes the output.
-            None if change < 1e-3 => failures.push(format!(
-                "{name}: the cache changed the output by only {change:e}"
-            )),
-            None => {}
-        }
+        failures.extend(cache_spec::outcome_failures(
+            name,
+            &case,
+            run.calibrated.as_deref(),
+            change,
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

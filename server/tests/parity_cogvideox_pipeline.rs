@@ -243,29 +243,12 @@ fn check_caches(prefixes: &[&str]) {
                 run.halves
             ));
         }
-        let no_change = case["expect_no_change"].as_bool().unwrap_or(false);
-        match case.get("calibrated_mag_ratios").filter(|v| !v.is_null()) {
-            Some(ratios) => {
-                let expected: Vec<f64> = serde_json::from_value(ratios.clone()).unwrap();
-                let got = run.calibrated.clone().unwrap_or_default();
-                let worst = got
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (*a as f64 - b).abs())
-                    .fold(0.0, f64::max);
-                if got.len() != expected.len() || worst > 1e-5 {
-                    failures.push(format!("{name}: ratios {got:?}, diffusers {expected:?}"));
-                }
-            }
-            None if no_change && change != 0.0 => {
-                failures.push(format!("{name}: expected no change, got {change:e}"))
-            }
-            // Each case was chosen so that the cache changes the output.
-            None if !no_change && change < 1e-3 => failures.push(format!(
-                "{name}: the cache changed the output by only {change:e}"
-            )),
-            None => {}
-        }
+        failures.extend(cache_spec::outcome_failures(
+            name,
+            &case,
+            run.calibrated.as_deref(),
+            change,
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -85,6 +85,24 @@ impl LayerNorm {
     }
 }
 
+/// `F.scaled_dot_product_attention` (no mask, no dropout) on `[B, S, H, Dh]` queries, keys and
+/// values, as diffusers' processors call it on the heads-first transpose; returns `[B, S, H·Dh]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let heads_first = |x: &Tensor| x.permute([0, 2, 1, 3]);
+    Tensor::scaled_dot_product_attention(
+        &heads_first(q),
+        &heads_first(k),
+        &heads_first(v),
+        None::<Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    )
+    .permute([0, 2, 1, 3])
+    .flatten(2, 3)
+}
+
 /// diffusers `FeedForward(dim, dim_out=dim, activation_fn="gelu-approximate")`:
 /// `net.2(gelu_tanh(net.0.proj(x)))` with an `inner`-wide hidden layer.
 #[derive(Debug)]

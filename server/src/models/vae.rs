@@ -109,39 +109,19 @@ impl VaeConfig {
         if self.block_out_channels.is_empty() {
             return err("block_out_channels", "must not be empty".into());
         }
-        for &channels in &self.block_out_channels {
-            if channels <= 0 || channels % self.norm_num_groups != 0 {
-                return err(
-                    "block_out_channels",
-                    format!(
-                        "{channels} is not a positive multiple of norm_num_groups {}",
-                        self.norm_num_groups
-                    ),
-                );
-            }
-        }
-        let levels = self.block_out_channels.len();
-        for (key, types, expected) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                "DownEncoderBlock2D",
-            ),
-            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
-        ] {
-            if types.len() != levels {
-                return err(
-                    key,
-                    format!("{} entries for {levels} block_out_channels", types.len()),
-                );
-            }
-            if let Some(other) = types.iter().find(|t| *t != expected) {
-                return err(
-                    key,
-                    format!("unsupported block `{other}` (only {expected})"),
-                );
-            }
-        }
+        check_block_layout(
+            path,
+            &self.block_out_channels,
+            self.norm_num_groups,
+            [
+                (
+                    "down_block_types",
+                    &self.down_block_types,
+                    "DownEncoderBlock2D",
+                ),
+                ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+            ],
+        )?;
         if self.act_fn != "silu" {
             return err(
                 "act_fn",
@@ -617,6 +597,42 @@ impl AutoencoderKL {
         };
         moments.narrow(1, 0, self.config.latent_channels)
     }
+}
+
+/// A VAE config's levels: every width a positive multiple of the GroupNorm groups, and one down
+/// and one up block of the one supported type per level. Errors name `path` and the key.
+pub(crate) fn check_block_layout(
+    path: &Path,
+    block_out_channels: &[i64],
+    norm_num_groups: i64,
+    block_types: [(&str, &Vec<String>, &str); 2],
+) -> Result<()> {
+    let err = |key: &str, message: String| Err(ModelError::config(path, key, message));
+    if let Some(c) = block_out_channels
+        .iter()
+        .find(|&&c| c <= 0 || c % norm_num_groups != 0)
+    {
+        return err(
+            "block_out_channels",
+            format!("{c} is not a positive multiple of norm_num_groups {norm_num_groups}"),
+        );
+    }
+    let levels = block_out_channels.len();
+    for (key, types, expected) in block_types {
+        if types.len() != levels {
+            return err(
+                key,
+                format!("{} entries for {levels} block_out_channels", types.len()),
+            );
+        }
+        if let Some(other) = types.iter().find(|t| *t != expected) {
+            return err(
+                key,
+                format!("unsupported block `{other}` (only {expected})"),
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

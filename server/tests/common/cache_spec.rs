@@ -153,3 +153,50 @@ pub fn cache_config(spec: &Value) -> CacheConfig {
     };
     wire_cache_config(Some(&config), "cache").unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
 }
+
+/// Largest accepted difference of a calibrated magnitude ratio.
+const RATIO_TOLERANCE: f64 = 1e-5;
+
+/// What a cache case must show besides parity, given how much the cache changed the final latents
+/// against no cache: a calibration run (MagCache) reports diffusers' ratios and changes nothing; a
+/// documented no-op (`expect_no_change`) changes nothing; every other case was chosen so that the
+/// cache changes the output.
+pub fn outcome_failures(
+    name: &str,
+    case: &Value,
+    calibrated: Option<&[f32]>,
+    change: f64,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let no_change = case["expect_no_change"].as_bool().unwrap_or(false);
+    match case.get("calibrated_mag_ratios").filter(|r| !r.is_null()) {
+        Some(expected) => {
+            let expected: Vec<f64> = serde_json::from_value(expected.clone()).unwrap();
+            let got = calibrated.unwrap_or_default();
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            println!("{name}: calibrated ratios {got:?}, max|Δ| = {worst:.3e}");
+            if got.len() != expected.len() || worst > RATIO_TOLERANCE {
+                failures.push(format!(
+                    "{name}: calibrated ratios {got:?}, diffusers {expected:?}"
+                ));
+            }
+            if change != 0.0 {
+                failures.push(format!(
+                    "{name}: calibration changed the output by {change:e}"
+                ));
+            }
+        }
+        None if no_change && change != 0.0 => {
+            failures.push(format!("{name}: expected no change, got {change:e}"))
+        }
+        None if !no_change && change < 1e-3 => failures.push(format!(
+            "{name}: the cache changed the output by only {change:e}"
+        )),
+        None => {}
+    }
+    failures
+}

@@ -18,7 +18,8 @@ use crate::dit::hooks::{
     StepStats, StreamRoles, Tensors, TransformerHooks,
 };
 use crate::models::nn::{
-    apply_rotary_emb, timestep_projection, FeedForward, LayerNorm, Linear, Rope, TimestepEmbedding,
+    apply_rotary_emb, attention, timestep_projection, FeedForward, LayerNorm, Linear, Rope,
+    TimestepEmbedding,
 };
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
@@ -154,20 +155,7 @@ impl Attention {
             }
             None => (q, k),
         };
-        let bhsd = |t: &Tensor| t.permute([0, 2, 1, 3]);
-        let out = Tensor::scaled_dot_product_attention(
-            &bhsd(&q),
-            &bhsd(&k),
-            &bhsd(&v),
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        let out = self
-            .to_out
-            .forward(&out.permute([0, 2, 1, 3]).flatten(2, 3));
+        let out = self.to_out.forward(&attention(&q, &k, &v));
         let n = out.size()[1] - l_txt;
         Tensors(vec![out.narrow(1, l_txt, n), out.narrow(1, 0, l_txt)])
     }

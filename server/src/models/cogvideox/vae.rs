@@ -20,6 +20,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::models::vae::check_block_layout;
 use crate::models::weights::{read_json, Weights};
 use crate::models::{ModelError, Result};
 
@@ -125,41 +126,19 @@ impl CogVideoXVaeConfig {
         if self.block_out_channels.is_empty() {
             return err("block_out_channels", "must not be empty".into());
         }
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|&&c| c <= 0 || c % self.norm_num_groups != 0)
-        {
-            return err(
-                "block_out_channels",
-                format!(
-                    "{c} is not a positive multiple of norm_num_groups {}",
-                    self.norm_num_groups
+        check_block_layout(
+            path,
+            &self.block_out_channels,
+            self.norm_num_groups,
+            [
+                (
+                    "down_block_types",
+                    &self.down_block_types,
+                    "CogVideoXDownBlock3D",
                 ),
-            );
-        }
-        let levels = self.block_out_channels.len();
-        for (key, types, expected) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                "CogVideoXDownBlock3D",
-            ),
-            ("up_block_types", &self.up_block_types, "CogVideoXUpBlock3D"),
-        ] {
-            if types.len() != levels {
-                return err(
-                    key,
-                    format!("{} entries for {levels} block_out_channels", types.len()),
-                );
-            }
-            if let Some(other) = types.iter().find(|t| *t != expected) {
-                return err(
-                    key,
-                    format!("unsupported block `{other}` (only {expected})"),
-                );
-            }
-        }
+                ("up_block_types", &self.up_block_types, "CogVideoXUpBlock3D"),
+            ],
+        )?;
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
             return err(
                 "act_fn",

@@ -13,7 +13,7 @@ use crate::dit::hooks::{
     hooked_attention, resolve, AttentionId, AttentionRole, BlockId, ForwardContext, ModuleCounts,
     StepStats, StreamRoles, Tensors, TransformerHooks,
 };
-use crate::models::nn::{apply_rotary_emb, FeedForward, Linear, Rope};
+use crate::models::nn::{apply_rotary_emb, attention, FeedForward, Linear, Rope};
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
 
@@ -154,18 +154,7 @@ impl Attention {
     fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: &Rope) -> Tensor {
         let q = apply_rotary_emb(&q, rope);
         let k = apply_rotary_emb(&k, rope);
-        let bhsd = |x: &Tensor| x.permute([0, 2, 1, 3]);
-        let out = Tensor::scaled_dot_product_attention(
-            &bhsd(&q),
-            &bhsd(&k),
-            &bhsd(&v),
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        out.permute([0, 2, 1, 3]).flatten(2, 3).to_kind(q.kind())
+        attention(&q, &k, &v).to_kind(q.kind())
     }
 
     /// Joint attention of a dual block: image `[B, L_img, D]` and text `[B, L_txt, D]` streams,

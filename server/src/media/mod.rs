@@ -1,4 +1,4 @@
-//! Encoding decoded frames for the client.
+//! Encoding decoded frames for the client: images here, videos in `video`.
 use std::io::Cursor;
 
 use image::{codecs::jpeg::JpegEncoder, imageops::FilterType, RgbImage};
@@ -6,6 +6,9 @@ use image::{codecs::jpeg::JpegEncoder, imageops::FilterType, RgbImage};
 use crate::dit::pipeline::Frames;
 use crate::dit::request::ImageFormat;
 use crate::error::{ServiceError, ServiceResult};
+
+mod video;
+pub use video::{encode_video, frames_strip, EncodedVideo, VideoFormat};
 
 /// An encoded image, as it goes to the client.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,9 +19,6 @@ pub struct ResolvedRequest {
     pub video: Option<VideoPlan>,
 }
 
-/// The highest frame rate a video may be encoded at.
-const MAX_FPS: u32 = 240;
-
 pub fn resolve_generate(
     req: &pb::GenerateRequest,
     served: &ServedModel,
@@ -165,20 +162,9 @@ fn video(
             limits.max_video_pixels
         )));
     }
-    let fps = if req.fps == 0 {
-        card.default_fps
-    } else {
-        req.fps
-    };
-    if fps > MAX_FPS {
-        return Err(ServiceError::invalid(
-            "fps",
-            format!("must be between 1 and {MAX_FPS}"),
-        ));
-    }
     let format = match pb::VideoFormat::try_from(req.video_format) {
         Ok(pb::VideoFormat::Unspecified | pb::VideoFormat::Mp4) => VideoFormat::Mp4,
-        Ok(pb::VideoFormat::Webp) => VideoFormat::Webp,
+        Ok(pb::VideoFormat::Gif) => VideoFormat::Gif,
         Err(_) => {
             return Err(ServiceError::invalid(
                 "video_format",
@@ -186,6 +172,18 @@ fn video(
             ))
         }
     };
+    let fps = if req.fps == 0 {
+        card.default_fps
+    } else {
+        req.fps
+    };
+    let max_fps = format.max_fps();
+    if fps > max_fps {
+        return Err(ServiceError::invalid(
+            "fps",
+            format!("must be between 1 and {max_fps} for {format:?}"),
+        ));
+    }
     Ok((
         Some(frames as usize),
         Some(VideoPlan {

@@ -35,11 +35,22 @@ pub enum ImageFormat {
 /// How a video is encoded for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VideoFormat {
-    /// MP4 with H.264.
+    /// H.264 in MP4: small, plays in every browser; 16×16 to 3840×2160, 1 to 120 fps.
     #[default]
     Mp4,
-    /// Animated WebP.
-    Webp,
+    /// Looping animated GIF: any size, 1 to 50 fps, 256 colours a frame, large files.
+    Gif,
+}
+
+impl VideoFormat {
+    /// The highest frame rate the format carries.
+    pub const fn max_fps(self) -> u32 {
+        match self {
+            Self::Mp4 => 120,
+            // GIF delays are whole centiseconds, and browsers slow anything under 2 cs down.
+            Self::Gif => 50,
+        }
+    }
 }
 
 /// How a video model's output goes to the client.

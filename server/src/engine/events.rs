@@ -3,7 +3,7 @@ use crate::cache::{CacheConfig, CacheKind};
 use crate::dit::hooks::ModuleCounts;
 use crate::dit::request::{GenerationRequest, VideoPlan};
 use crate::error::ServiceError;
-use crate::media::EncodedImage;
+use crate::media::{EncodedImage, EncodedVideo};
 
 /// The events of one generation, in order: `Started`, one `Step` per step, `Completed`; or an
 /// error that ends the stream.
@@ -59,7 +59,11 @@ pub struct CacheActivity {
 #[derive(Debug, Clone)]
 pub struct Completed {
     pub generation_id: String,
+    /// The image; for a video, its first frame.
     pub image: EncodedImage,
+    pub video: Option<EncodedVideo>,
+    /// Every frame of a video, when asked for.
+    pub frames: Vec<EncodedImage>,
     pub total_ms: f32,
     pub denoise_ms: f32,
     pub decode_ms: f32,

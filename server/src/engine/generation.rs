@@ -7,8 +7,9 @@ use super::events::{self, CacheActivity, Event};
 use super::model::LoadedModel;
 use super::run::{guarded, CacheChange, Denoise, StepReport};
 use super::Job;
+use crate::dit::pipeline::Frames;
 use crate::error::{ServiceError, ServiceResult};
-use crate::media::{encode_image, EncodedImage};
+use crate::media::{encode_image, encode_video, frames_strip, EncodedImage};
 
 type Outgoing = Result<Event, ServiceError>;
 
@@ -167,6 +168,12 @@ impl Running {
         let frames = guarded("preview", || {
             model.pipeline.preview(self.denoise.generation(), kind)
         })?;
+        // A video's preview: evenly sampled frames side by side.
+        let frames = if frames.frames.len() > 1 {
+            frames_strip(&frames, PREVIEW_STRIP_FRAMES)?
+        } else {
+            frames
+        };
         encode_image(frames, plan.format, plan.max_edge).map(Some)
     }
 
@@ -176,8 +183,23 @@ impl Running {
         let frames = guarded("VAE decode", || {
             model.pipeline.decode(self.denoise.generation())
         })?;
-        let image = encode_image(frames, self.job.output_format, 0)?;
         let decode = decode_started.elapsed();
+        let format = self.job.output_format;
+        let (video, images) = match self.job.video {
+            None => (None, Vec::new()),
+            Some(plan) => {
+                let video = encode_video(&frames, plan.fps, plan.format)?;
+                let images = if plan.return_frames {
+                    (0..frames.frames.len())
+                        .map(|i| encode_image(frame(&frames, i), format, 0))
+                        .collect::<ServiceResult<_>>()?
+                } else {
+                    Vec::new()
+                };
+                (Some(video), images)
+            }
+        };
+        let image = encode_image(frame(&frames, 0), format, 0)?;
         let t = self.denoise.totals();
         let total: Duration = self.job.received.elapsed();
         tracing::info!(generation_id = %self.job.generation_id, total_ms = total.as_millis() as u64,
@@ -185,6 +207,8 @@ impl Running {
         Ok(events::Completed {
             generation_id: self.job.generation_id.clone(),
             image,
+            video,
+            frames: images,
             total_ms: ms(total),
             denoise_ms: ms(denoise),
             decode_ms: ms(decode),
@@ -199,6 +223,18 @@ impl Running {
                 .calibrated_mag_ratios()
                 .unwrap_or_default(),
         })
+    }
+}
+
+/// Frames in a video step preview.
+const PREVIEW_STRIP_FRAMES: usize = 8;
+
+/// Frame `i` alone.
+fn frame(frames: &Frames, i: usize) -> Frames {
+    Frames {
+        width: frames.width,
+        height: frames.height,
+        frames: vec![frames.frames[i].clone()],
     }
 }
 

@@ -22,17 +22,8 @@ use openh264::formats::YUVBuffer;
 use openh264::OpenH264API;
 
 use crate::dit::pipeline::Frames;
+pub use crate::dit::request::VideoFormat;
 use crate::error::{ServiceError, ServiceResult};
-
-/// How a video is encoded for the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VideoFormat {
-    /// H.264 in MP4: small, plays in every browser; 16×16 to 3840×2160, 1 to 120 fps.
-    #[default]
-    Mp4,
-    /// Looping animated GIF: any size, 1 to 50 fps, 256 colours a frame, large files.
-    Gif,
-}
 
 /// An encoded video, as it goes to the client.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,9 +38,9 @@ pub struct EncodedVideo {
 }
 
 /// The most frames a second an MP4 carries; a generous bound that keeps timescales small.
-const MP4_MAX_FPS: u32 = 120;
+const MP4_MAX_FPS: u32 = VideoFormat::Mp4.max_fps();
 /// GIF delays are whole centiseconds, and browsers slow anything under 2 cs down to 10 cs.
-const GIF_MAX_FPS: u32 = 50;
+const GIF_MAX_FPS: u32 = VideoFormat::Gif.max_fps();
 /// OpenH264 refuses pictures with an edge under 16 pixels (one macroblock).
 const H264_MIN_EDGE: u32 = 16;
 /// OpenH264's largest picture, in either orientation.

@@ -7,11 +7,11 @@ use denoised_proto::v1 as pb;
 use tonic::{Code, Status};
 
 use crate::dit::hooks::ModuleCounts;
-use crate::dit::request::ImageFormat;
+use crate::dit::request::{ImageFormat, VideoFormat};
 use crate::engine::events::{self, Event};
 use crate::engine::ServedModel;
 use crate::error::ServiceError;
-use crate::media::EncodedImage;
+use crate::media::{EncodedImage, EncodedVideo};
 use crate::models::ModelError;
 use crate::session::Session;
 
@@ -134,6 +134,20 @@ fn image(i: EncodedImage) -> pb::Image {
     }
 }
 
+fn video(v: EncodedVideo) -> pb::Video {
+    pb::Video {
+        format: match v.format {
+            VideoFormat::Mp4 => pb::VideoFormat::Mp4,
+            VideoFormat::Gif => pb::VideoFormat::Gif,
+        } as i32,
+        width: v.width,
+        height: v.height,
+        num_frames: v.frames,
+        fps: v.fps,
+        data: v.data,
+    }
+}
+
 fn counts(c: &ModuleCounts) -> pb::ModuleCounts {
     pb::ModuleCounts {
         computed: c.computed,
@@ -215,8 +229,8 @@ fn completed(c: events::Completed) -> pb::Completed {
         estimated_flops_saved: c.estimated_flops_saved,
         estimated_flops_total: c.estimated_flops_total,
         calibrated_mag_ratios: c.calibrated_mag_ratios,
-        video: None,
-        frames: Vec::new(),
+        video: c.video.map(video),
+        frames: c.frames.into_iter().map(image).collect(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Typed events of a Generate stream.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use crate::cache::{CacheConfig, CacheKind};
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::video::Video;
 
 /// One event of a generation: `Started`, one `Step` per denoising step, then `Completed`.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,7 +21,7 @@ pub enum Event {
     Started(Started),
     /// A denoising step finished.
     Step(StepEvent),
-    /// The final image.
+    /// The final image (and video, for video models).
     Completed(Completed),
 }
 
@@ -65,6 +67,12 @@ pub struct ResolvedSettings {
     pub device: String,
     /// Dtype, e.g. `bfloat16`.
     pub dtype: String,
+    /// Frames generated (video models; 0 for images).
+    pub num_frames: u32,
+    /// Frame rate of the video (video models; 0 for images).
+    pub fps: u32,
+    /// Whether dynamic classifier-free guidance runs (video models; false for images).
+    pub use_dynamic_cfg: bool,
 }
 
 /// What the cache did for one kind of module during one step (summed over CFG passes).
@@ -201,7 +209,8 @@ pub struct StepEvent {
     pub cache: CacheActivity,
     /// Wall time of the step on the server.
     pub step_time: Duration,
-    /// A preview, when requested and due at this step.
+    /// A preview, when requested and due at this step. For video models, one image of evenly
+    /// sampled frames side by side.
     pub preview: Option<Image>,
 }
 
@@ -211,7 +220,7 @@ pub struct StepEvent {
 pub struct Completed {
     /// Id of this generation.
     pub generation_id: String,
-    /// The final image.
+    /// The final image; for video models, the first frame.
     pub image: Image,
     /// Server time from admission to the encoded image.
     pub total_time: Duration,
@@ -231,6 +240,11 @@ pub struct Completed {
     pub estimated_flops_total: f64,
     /// MagCache ratios recorded in calibration mode (empty otherwise).
     pub calibrated_mag_ratios: Vec<f32>,
+    /// The video, for video models.
+    pub video: Option<Video>,
+    /// Every frame, for video models when the request asked for
+    /// [`return_frames`](crate::GenerateRequest::return_frames) (empty otherwise).
+    pub frames: Vec<Image>,
 }
 
 impl Completed {
@@ -241,6 +255,22 @@ impl Completed {
         } else {
             0.0
         }
+    }
+
+    /// Writes [`frames`](Self::frames) to `dir` (created if missing) as `frame_0000.png`,
+    /// `frame_0001.png`, … (the extension follows each frame's format); returns the paths.
+    pub fn save_frames(&self, dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)?;
+        self.frames
+            .iter()
+            .enumerate()
+            .map(|(i, frame)| {
+                let path = dir.join(format!("frame_{i:04}.{}", frame.format.extension()));
+                frame.save(&path)?;
+                Ok(path)
+            })
+            .collect()
     }
 }
 
@@ -276,6 +306,9 @@ impl TryFrom<v1::GenerateEvent> for Event {
                         cache: settings.cache.map(CacheConfig::from).unwrap_or_default(),
                         device: settings.device,
                         dtype: settings.dtype,
+                        num_frames: settings.num_frames,
+                        fps: settings.fps,
+                        use_dynamic_cfg: settings.use_dynamic_cfg,
                     },
                     setup_time: millis(s.setup_ms),
                 })
@@ -309,6 +342,12 @@ impl TryFrom<v1::GenerateEvent> for Event {
                 estimated_flops_saved: c.estimated_flops_saved,
                 estimated_flops_total: c.estimated_flops_total,
                 calibrated_mag_ratios: c.calibrated_mag_ratios,
+                video: c.video.map(Video::from_proto).transpose()?,
+                frames: c
+                    .frames
+                    .into_iter()
+                    .map(Image::from_proto)
+                    .collect::<Result<_>>()?,
             }),
         })
     }
@@ -393,8 +432,8 @@ impl Stream for GenerationStream {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::image::tests::encoded;
-    use crate::request::ImageFormat;
+    use crate::image::tests::{encoded, temp_dir};
+    use crate::request::{ImageFormat, VideoFormat};
     use v1::generate_event::Event as E;
 
     pub(crate) fn started(steps: u32) -> v1::GenerateEvent {
@@ -495,6 +534,92 @@ pub(crate) mod tests {
         };
         assert_eq!(c.image.format, ImageFormat::Png);
         assert_eq!(c.flops_saved_fraction(), 0.25);
+        assert_eq!(c.video, None);
+        assert!(c.frames.is_empty());
+    }
+
+    fn frame(format: v1::ImageFormat, data: Vec<u8>) -> v1::Image {
+        v1::Image {
+            format: format as i32,
+            width: 8,
+            height: 8,
+            data,
+        }
+    }
+
+    /// A video model's Completed: first frame, a WebP video and three PNG frames.
+    fn completed_video() -> v1::GenerateEvent {
+        let mut event = completed();
+        if let Some(E::Completed(c)) = &mut event.event {
+            c.video = Some(v1::Video {
+                format: v1::VideoFormat::Webp as i32,
+                width: 8,
+                height: 8,
+                num_frames: 3,
+                fps: 8,
+                data: b"not really a webp".to_vec(),
+            });
+            c.frames = (0..3)
+                .map(|_| frame(v1::ImageFormat::Png, encoded(ImageFormat::Png, 8, 8)))
+                .collect();
+        }
+        event
+    }
+
+    #[test]
+    fn video_events_convert() {
+        let mut started = started(2);
+        if let Some(E::Started(s)) = &mut started.event {
+            let settings = s.settings.as_mut().unwrap();
+            (settings.num_frames, settings.fps, settings.use_dynamic_cfg) = (49, 8, true);
+        }
+        let Event::Started(s) = Event::try_from(started).unwrap() else {
+            panic!()
+        };
+        assert_eq!((s.settings.num_frames, s.settings.fps), (49, 8));
+        assert!(s.settings.use_dynamic_cfg);
+
+        let Event::Completed(c) = Event::try_from(completed_video()).unwrap() else {
+            panic!()
+        };
+        let video = c.video.as_ref().unwrap();
+        assert_eq!(video.format, VideoFormat::Webp);
+        assert_eq!((video.width, video.height), (8, 8));
+        assert_eq!((video.num_frames, video.fps), (3, 8));
+        assert_eq!(video.bytes, b"not really a webp");
+        assert_eq!(c.frames.len(), 3);
+
+        let dir = temp_dir().join("frames");
+        let paths = c.save_frames(&dir).unwrap();
+        let names: Vec<_> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
+        );
+        for (path, frame) in paths.iter().zip(&c.frames) {
+            assert_eq!(std::fs::read(path).unwrap(), frame.bytes);
+        }
+        std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn malformed_videos_are_protocol_errors() {
+        let mut bad_video = completed_video();
+        let mut bad_frame = completed_video();
+        if let Some(E::Completed(c)) = &mut bad_video.event {
+            c.video.as_mut().unwrap().format = 0;
+        }
+        if let Some(E::Completed(c)) = &mut bad_frame.event {
+            c.frames[1] = frame(v1::ImageFormat::Unspecified, b"GIF89a".to_vec());
+        }
+        for (event, what) in [(bad_video, "video"), (bad_frame, "image")] {
+            let err = Event::try_from(event).unwrap_err();
+            assert!(matches!(err, Error::Protocol(_)), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        }
     }
 
     #[test]

@@ -123,7 +123,8 @@ pub(crate) mod tests {
         out.into_inner()
     }
 
-    fn temp_dir() -> std::path::PathBuf {
+    /// A fresh directory for this test thread (remove it at the end of the test).
+    pub(crate) fn temp_dir() -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "denoised-client-test-{}-{:?}",
             std::process::id(),

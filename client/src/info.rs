@@ -29,6 +29,62 @@ impl Conditioning {
     }
 }
 
+/// What a model generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Modality {
+    /// Not reported (servers from before video support, which serve only image models) or
+    /// unknown to this client.
+    Unspecified,
+    /// Still images.
+    Image,
+    /// Videos ([`ModelInfo::video`] has the frame limits).
+    Video,
+}
+
+impl Modality {
+    fn from_proto(value: i32) -> Self {
+        match v1::Modality::try_from(value) {
+            Ok(v1::Modality::Image) => Modality::Image,
+            Ok(v1::Modality::Video) => Modality::Video,
+            Ok(v1::Modality::Unspecified) | Err(_) => Modality::Unspecified,
+        }
+    }
+
+    /// Lower-case name (`image`, `video`, `unspecified`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Modality::Unspecified => "unspecified",
+            Modality::Image => "image",
+            Modality::Video => "video",
+        }
+    }
+}
+
+/// Frame limits and defaults of a video model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VideoLimits {
+    /// Frames generated when the request leaves `num_frames` at 0.
+    pub default_num_frames: u32,
+    /// Allowed frame counts; within it, only `1 + k * num_frames_step`.
+    pub num_frames: RangeInclusive<u32>,
+    /// The VAE's temporal compression (4 for CogVideoX: 49 = 1 + 12 * 4).
+    pub num_frames_step: u32,
+    /// Frame rate when the request leaves `fps` at 0.
+    pub default_fps: u32,
+}
+
+impl From<v1::VideoLimits> for VideoLimits {
+    fn from(v: v1::VideoLimits) -> Self {
+        VideoLimits {
+            default_num_frames: v.default_num_frames,
+            num_frames: v.num_frames.map_or(0..=0, |r| r.min..=r.max),
+            num_frames_step: v.num_frames_step,
+            default_fps: v.default_fps,
+        }
+    }
+}
+
 /// A model served by the server, with its limits and defaults.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -69,6 +125,10 @@ pub struct ModelInfo {
     pub supported_caches: Vec<CacheKind>,
     /// Number of transformer blocks.
     pub num_blocks: u32,
+    /// Images or videos.
+    pub modality: Modality,
+    /// Frame limits of a video model (`None` for image models).
+    pub video: Option<VideoLimits>,
 }
 
 impl From<v1::ModelInfo> for ModelInfo {
@@ -98,6 +158,8 @@ impl From<v1::ModelInfo> for ModelInfo {
             dtype: m.dtype,
             device: m.device,
             num_blocks: m.num_blocks,
+            modality: Modality::from_proto(m.modality),
+            video: m.video.map(VideoLimits::from),
         }
     }
 }
@@ -192,6 +254,37 @@ mod tests {
                 CacheKind::Unspecified
             ]
         );
+        // A server from before video support sends neither field.
+        assert_eq!(info.modality, Modality::Unspecified);
+        assert_eq!(info.video, None);
+    }
+
+    #[test]
+    fn video_model_info_from_proto() {
+        let info = ModelInfo::from(v1::ModelInfo {
+            name: "cogvideox-2b".into(),
+            modality: v1::Modality::Video as i32,
+            video: Some(v1::VideoLimits {
+                default_num_frames: 49,
+                num_frames: Some(v1::Range { min: 1, max: 49 }),
+                num_frames_step: 4,
+                default_fps: 8,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(info.modality, Modality::Video);
+        assert_eq!(info.modality.name(), "video");
+        let video = info.video.unwrap();
+        assert_eq!(video.default_num_frames, 49);
+        assert_eq!(video.num_frames, 1..=49);
+        assert_eq!((video.num_frames_step, video.default_fps), (4, 8));
+
+        let image = ModelInfo::from(v1::ModelInfo {
+            modality: v1::Modality::Image as i32,
+            ..Default::default()
+        });
+        assert_eq!(image.modality, Modality::Image);
+        assert_eq!(Modality::from_proto(7), Modality::Unspecified);
     }
 
     #[test]

@@ -26,6 +26,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Video models (see [`ModelInfo::modality`]) return the video, its first frame as `image`, and
+//! on request every frame:
+//!
+//! ```no_run
+//! # use denoised_client::{CacheConfig, Client, GenerateRequest};
+//! # async fn demo(client: Client) -> denoised_client::Result<()> {
+//! let request = GenerateRequest::new("waves at night").num_frames(49).return_frames(true);
+//! let done = client
+//!     .generate_once("cogvideox-2b", CacheConfig::None, request)
+//!     .await?
+//!     .collect_final()
+//!     .await?;
+//! if let Some(video) = &done.video {
+//!     video.save("waves.mp4")?;
+//! }
+//! done.save_frames("frames")?;
+//! # Ok(()) }
+//! ```
+//!
 //! The public API uses its own types; each converts to and from the generated protobuf types
 //! (re-exported as [`proto`]) for use with the raw tonic client.
 #![warn(missing_docs)]
@@ -38,6 +57,7 @@ mod image;
 mod info;
 mod request;
 mod trace;
+mod video;
 
 pub use cache::{
     AttentionWeight, CacheConfig, CacheKind, FactorDtype, FasterCacheConfig, FirstBlockCacheConfig,
@@ -50,9 +70,10 @@ pub use events::{
     StepEvent,
 };
 pub use image::Image;
-pub use info::{Conditioning, ModelInfo, SessionInfo};
-pub use request::{GenerateRequest, ImageFormat, Preview, PreviewMode};
+pub use info::{Conditioning, Modality, ModelInfo, SessionInfo, VideoLimits};
+pub use request::{GenerateRequest, ImageFormat, Preview, PreviewMode, VideoFormat};
 pub use trace::TraceParent;
+pub use video::Video;
 
 /// The generated protobuf types and raw gRPC client (`denoised.v1`), for advanced use.
 pub use denoised_proto::v1 as proto;

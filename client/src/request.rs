@@ -61,6 +61,58 @@ impl fmt::Display for ImageFormat {
     }
 }
 
+/// Container of a video returned by a video model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum VideoFormat {
+    /// MP4 with H.264 (the server's default).
+    #[default]
+    Mp4,
+    /// Animated WebP.
+    Webp,
+}
+
+impl VideoFormat {
+    /// The usual file extension (`mp4`, `webp`).
+    pub fn extension(self) -> &'static str {
+        match self {
+            VideoFormat::Mp4 => "mp4",
+            VideoFormat::Webp => "webp",
+        }
+    }
+
+    /// Guesses the format from a file extension (`mp4`, `webp`; case-insensitive).
+    pub fn from_extension(extension: &str) -> Option<Self> {
+        match extension.to_ascii_lowercase().as_str() {
+            "mp4" => Some(VideoFormat::Mp4),
+            "webp" => Some(VideoFormat::Webp),
+            _ => None,
+        }
+    }
+
+    /// The proto enum value.
+    pub fn into_proto(self) -> v1::VideoFormat {
+        match self {
+            VideoFormat::Mp4 => v1::VideoFormat::Mp4,
+            VideoFormat::Webp => v1::VideoFormat::Webp,
+        }
+    }
+
+    /// Converts a proto enum value; `None` for unspecified or unknown values.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match v1::VideoFormat::try_from(value).ok()? {
+            v1::VideoFormat::Mp4 => Some(VideoFormat::Mp4),
+            v1::VideoFormat::Webp => Some(VideoFormat::Webp),
+            v1::VideoFormat::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for VideoFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.extension())
+    }
+}
+
 /// How intermediate previews are rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PreviewMode {
@@ -152,13 +204,20 @@ impl Preview {
 /// What to generate. Everything but the prompt defaults to the model's (server-side) default.
 ///
 /// ```
-/// use denoised_client::{GenerateRequest, Preview};
+/// use denoised_client::{GenerateRequest, Preview, VideoFormat};
 /// let request = GenerateRequest::new("a lighthouse at dusk, oil painting")
 ///     .size(768, 512)
 ///     .steps(28)
 ///     .guidance(3.5)
 ///     .seed(42)
 ///     .preview(Preview::latent_rgb().every(4).jpeg().max_edge(256));
+///
+/// // Video models (CogVideoX) take the frame count, frame rate and container too.
+/// let clip = GenerateRequest::new("waves at night")
+///     .num_frames(49)
+///     .fps(8)
+///     .video_format(VideoFormat::Webp)
+///     .return_frames(true);
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GenerateRequest {
@@ -173,6 +232,11 @@ pub struct GenerateRequest {
     seed: Option<u64>,
     preview: Option<Preview>,
     output_format: Option<ImageFormat>,
+    num_frames: u32,
+    fps: u32,
+    use_dynamic_cfg: Option<bool>,
+    video_format: Option<VideoFormat>,
+    return_frames: bool,
 }
 
 impl GenerateRequest {
@@ -219,7 +283,8 @@ impl GenerateRequest {
         self
     }
 
-    /// Embedded guidance scale (FLUX.1-dev style).
+    /// Embedded guidance scale (FLUX.1-dev style), or the classifier-free guidance scale of
+    /// models that batch CFG (CogVideoX, default 6).
     pub fn guidance(mut self, guidance: f32) -> Self {
         self.guidance = Some(guidance);
         self
@@ -244,13 +309,50 @@ impl GenerateRequest {
         self
     }
 
-    /// Encoding of the final image (default PNG).
+    /// Encoding of the final image (default PNG); for video models, of the first frame and of
+    /// the frames returned with [`return_frames`](Self::return_frames).
     pub fn output_format(mut self, format: ImageFormat) -> Self {
         self.output_format = Some(format);
         self
     }
 
+    /// Video models: frames to generate (0: model default). The server accepts
+    /// `1 + k * num_frames_step` frames ([`VideoLimits`](crate::VideoLimits)); image models
+    /// refuse more than one.
+    pub fn num_frames(mut self, frames: u32) -> Self {
+        self.num_frames = frames;
+        self
+    }
+
+    /// Video models: frame rate of the returned video (0: model default).
+    pub fn fps(mut self, fps: u32) -> Self {
+        self.fps = fps;
+        self
+    }
+
+    /// CogVideoX's dynamic classifier-free guidance (server default: off).
+    pub fn use_dynamic_cfg(mut self, enabled: bool) -> Self {
+        self.use_dynamic_cfg = Some(enabled);
+        self
+    }
+
+    /// Video models: container of the returned video (default MP4).
+    pub fn video_format(mut self, format: VideoFormat) -> Self {
+        self.video_format = Some(format);
+        self
+    }
+
+    /// Video models: also return every frame as an image, encoded as
+    /// [`output_format`](Self::output_format).
+    pub fn return_frames(mut self, enabled: bool) -> Self {
+        self.return_frames = enabled;
+        self
+    }
+
     /// Rejects values that no server would accept, before a round trip.
+    ///
+    /// The video fields are left to the server: which frame counts and rates are valid depends
+    /// on the model and the server's limits.
     pub fn validate(&self) -> Result<()> {
         let finite = |name: &str, v: Option<f32>| match v {
             Some(v) if !v.is_finite() => Err(Error::invalid(format!("`{name}` must be finite"))),
@@ -284,7 +386,14 @@ impl GenerateRequest {
                 .output_format
                 .map_or(v1::ImageFormat::Unspecified, ImageFormat::into_proto)
                 .into(),
-            ..Default::default()
+            num_frames: self.num_frames,
+            fps: self.fps,
+            use_dynamic_cfg: self.use_dynamic_cfg,
+            video_format: self
+                .video_format
+                .map_or(v1::VideoFormat::Unspecified, VideoFormat::into_proto)
+                .into(),
+            return_frames: self.return_frames,
         }
     }
 }
@@ -315,6 +424,35 @@ mod tests {
         assert_eq!(proto.guidance, None);
         assert_eq!(proto.preview, None);
         assert_eq!(proto.output_format, v1::ImageFormat::Unspecified as i32);
+        assert_eq!((proto.num_frames, proto.fps), (0, 0));
+        assert_eq!(proto.use_dynamic_cfg, None);
+        assert_eq!(proto.video_format, v1::VideoFormat::Unspecified as i32);
+        assert!(!proto.return_frames);
+    }
+
+    #[test]
+    fn builder_sets_video_fields() {
+        let request = GenerateRequest::new("waves")
+            .num_frames(49)
+            .fps(8)
+            .use_dynamic_cfg(true)
+            .video_format(VideoFormat::Webp)
+            .return_frames(true);
+        // No client-side opinion on frame counts or rates: they depend on the model.
+        request.validate().unwrap();
+        let proto = request.into_proto();
+        assert_eq!((proto.num_frames, proto.fps), (49, 8));
+        assert_eq!(proto.use_dynamic_cfg, Some(true));
+        assert_eq!(proto.video_format, v1::VideoFormat::Webp as i32);
+        assert!(proto.return_frames);
+
+        // An explicit `false` is sent as such, not as "unset".
+        let proto = GenerateRequest::new("waves")
+            .use_dynamic_cfg(false)
+            .video_format(VideoFormat::Mp4)
+            .into_proto();
+        assert_eq!(proto.use_dynamic_cfg, Some(false));
+        assert_eq!(proto.video_format, v1::VideoFormat::Mp4 as i32);
     }
 
     #[test]
@@ -384,6 +522,20 @@ mod tests {
         for f in [ImageFormat::Png, ImageFormat::Jpeg] {
             assert_eq!(ImageFormat::from_proto(f.into_proto() as i32), Some(f));
             assert_eq!(ImageFormat::from_extension(f.extension()), Some(f));
+        }
+    }
+
+    #[test]
+    fn video_format_helpers() {
+        assert_eq!(VideoFormat::default(), VideoFormat::Mp4);
+        assert_eq!(VideoFormat::from_extension("MP4"), Some(VideoFormat::Mp4));
+        assert_eq!(VideoFormat::from_extension("png"), None);
+        assert_eq!(VideoFormat::from_proto(0), None);
+        assert_eq!(VideoFormat::from_proto(42), None);
+        for f in [VideoFormat::Mp4, VideoFormat::Webp] {
+            assert_eq!(VideoFormat::from_proto(f.into_proto() as i32), Some(f));
+            assert_eq!(VideoFormat::from_extension(f.extension()), Some(f));
+            assert_eq!(f.to_string(), f.extension());
         }
     }
 }

@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::serve;
+use common::{serve, DEFAULT_FPS, DEFAULT_FRAMES, VIDEO_BYTES};
+use denoised_client::proto as v1;
 use denoised_client::{
     CacheConfig, CacheKind, Client, Error, Event, FirstBlockCacheConfig, GenerateRequest,
-    ImageFormat, TraceParent,
+    ImageFormat, Modality, TraceParent, VideoFormat,
 };
 use futures::StreamExt;
 use tonic::{Code, Status};
@@ -119,6 +120,8 @@ async fn one_shot_generation_and_truncated_stream() {
         .await
         .unwrap();
     assert_eq!(done.steps, 4);
+    assert_eq!(done.video, None);
+    assert!(done.frames.is_empty());
 
     let err = client
         .generate_once("mock", CacheConfig::None, GenerateRequest::new("truncate"))
@@ -178,4 +181,92 @@ async fn unary_deadline() {
     let client = Client::from_channel(channel).with_timeout(Duration::from_millis(200));
     let err = client.list_models().await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+}
+
+#[tokio::test]
+async fn video_generation_returns_video_and_frames() {
+    let (mock, url) = serve().await;
+    let client = Client::connect(url).await.unwrap();
+
+    let models = client.list_models().await.unwrap();
+    assert_eq!(models[0].modality, Modality::Image);
+    assert_eq!(models[0].video, None);
+    let video_model = &models[1];
+    assert_eq!(video_model.modality, Modality::Video);
+    let limits = video_model.video.as_ref().unwrap();
+    assert_eq!(limits.default_num_frames, DEFAULT_FRAMES);
+    assert_eq!(limits.num_frames, 1..=49);
+    assert_eq!(
+        (limits.num_frames_step, limits.default_fps),
+        (4, DEFAULT_FPS)
+    );
+
+    let session = client.create_session("mock-video").await.unwrap();
+    let request = GenerateRequest::new("waves")
+        .num_frames(5)
+        .fps(12)
+        .guidance(6.0)
+        .use_dynamic_cfg(true)
+        .video_format(VideoFormat::Webp)
+        .return_frames(true);
+    let mut stream = session.generate(request).await.unwrap();
+    let (mut started, mut steps, mut completed) = (None, 0, None);
+    while let Some(event) = stream.next().await {
+        match event.unwrap() {
+            Event::Started(s) => started = Some(s),
+            Event::Step(_) => steps += 1,
+            Event::Completed(c) => completed = Some(c),
+        }
+    }
+    let settings = started.unwrap().settings;
+    assert_eq!(settings.model, "mock-video");
+    assert_eq!((settings.num_frames, settings.fps), (5, 12));
+    assert!(settings.use_dynamic_cfg);
+    assert_eq!(steps, 4);
+
+    let done = completed.unwrap();
+    let video = done.video.as_ref().unwrap();
+    assert_eq!(video.format, VideoFormat::Webp);
+    assert_eq!((video.width, video.height), (4, 4));
+    assert_eq!((video.num_frames, video.fps), (5, 12));
+    assert_eq!(video.bytes, VIDEO_BYTES);
+    assert_eq!(done.image.format, ImageFormat::Png);
+    assert_eq!(done.frames.len(), 5);
+    assert!(done.frames.iter().all(|f| f.to_dynamic_image().is_ok()));
+
+    let dir = std::env::temp_dir().join(format!("denoised-video-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    video.save(dir.join("clip.webp")).unwrap();
+    assert_eq!(std::fs::read(dir.join("clip.webp")).unwrap(), VIDEO_BYTES);
+    let err = video.save(dir.join("clip.mp4")).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let paths = done.save_frames(dir.join("frames")).unwrap();
+    assert_eq!(paths.len(), 5);
+    assert!(paths[4].ends_with("frames/frame_0004.png"), "{paths:?}");
+    assert!(image::open(&paths[4]).is_ok());
+    std::fs::remove_dir_all(dir).unwrap();
+
+    let received = mock.0.lock().unwrap().generate_requests.pop().unwrap();
+    assert_eq!(received.session_id, session.id());
+    assert_eq!((received.num_frames, received.fps), (5, 12));
+    assert_eq!(received.guidance, Some(6.0));
+    assert_eq!(received.use_dynamic_cfg, Some(true));
+    assert_eq!(received.video_format, v1::VideoFormat::Webp as i32);
+    assert!(received.return_frames);
+
+    // Defaults: the server's frame count, rate and container (MP4), no frames.
+    let done = client
+        .generate_once("mock-video", CacheConfig::None, GenerateRequest::new("x"))
+        .await
+        .unwrap()
+        .collect_final()
+        .await
+        .unwrap();
+    let video = done.video.unwrap();
+    assert_eq!(video.format, VideoFormat::Mp4);
+    assert_eq!((video.num_frames, video.fps), (DEFAULT_FRAMES, DEFAULT_FPS));
+    assert!(done.frames.is_empty());
+    let received = mock.0.lock().unwrap().generate_requests.pop().unwrap();
+    assert_eq!(received.video_format, v1::VideoFormat::Unspecified as i32);
+    assert_eq!(received.use_dynamic_cfg, None);
 }

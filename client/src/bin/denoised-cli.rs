@@ -2,13 +2,14 @@
 //! A thin shell over `denoised_client`; it only parses arguments and formats output.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use denoised_client::{
     CacheConfig, Client, Completed, Event, GenerateRequest, GenerationStream, ImageFormat,
-    ModelInfo, Preview, SessionInfo, Started, TraceParent,
+    Modality, ModelInfo, Preview, Session, SessionInfo, Started, TraceParent, VideoFormat,
 };
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,7 +45,7 @@ enum Command {
     Models,
     /// List the open sessions.
     Sessions,
-    /// Generate an image.
+    /// Generate an image, or a video with a video model.
     Generate(Box<GenerateArgs>),
 }
 
@@ -74,7 +75,7 @@ struct GenerateArgs {
     /// Denoising steps (default: the model's).
     #[arg(long)]
     steps: Option<u32>,
-    /// Embedded guidance scale.
+    /// Embedded guidance scale (CogVideoX: the classifier-free guidance scale).
     #[arg(long)]
     guidance: Option<f32>,
     /// True CFG scale.
@@ -96,9 +97,26 @@ struct GenerateArgs {
     /// Directory for previews (`step-NNN.jpg`).
     #[arg(long)]
     preview_dir: Option<PathBuf>,
-    /// Output image; `.png`, `.jpg` or `.jpeg` selects the format.
-    #[arg(long, default_value = "out.png")]
-    out: PathBuf,
+    /// Output file; the extension selects the format: `.png`, `.jpg` or `.jpeg` for image
+    /// models, `.mp4` or `.webp` for video models (default: out.png; for video models out.mp4,
+    /// or out.webp with --video-format webp).
+    #[arg(long, visible_alias = "output")]
+    out: Option<PathBuf>,
+    /// Video models: frames to generate, 1 + k·step (default: the model's; see `models`).
+    #[arg(long)]
+    frames: Option<u32>,
+    /// Video models: frame rate of the video (default: the model's).
+    #[arg(long)]
+    fps: Option<u32>,
+    /// Video models: dynamic classifier-free guidance (CogVideoX).
+    #[arg(long)]
+    dynamic_cfg: bool,
+    /// Video models: container of the video (default: from the --out extension, else mp4).
+    #[arg(long, value_enum)]
+    video_format: Option<VideoFormatArg>,
+    /// Video models: also write every frame to this directory (`frame_0000.png`, ...).
+    #[arg(long)]
+    frames_dir: Option<PathBuf>,
     /// Print one JSON object with the summary instead of text and a progress bar.
     #[arg(long)]
     json: bool,
@@ -114,9 +132,54 @@ enum PreviewArg {
     None,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VideoFormatArg {
+    /// MP4 (H.264).
+    Mp4,
+    /// Animated WebP.
+    Webp,
+}
+
+impl From<VideoFormatArg> for VideoFormat {
+    fn from(arg: VideoFormatArg) -> Self {
+        match arg {
+            VideoFormatArg::Mp4 => VideoFormat::Mp4,
+            VideoFormatArg::Webp => VideoFormat::Webp,
+        }
+    }
+}
+
+/// Errors print as one line (the error and its causes), without anyhow's multi-line report or
+/// its backtrace under `RUST_BACKTRACE`: the CLI's users need the message, not its origin.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the line already
+/// ends with (wrappers that repeat their source's message), newlines flattened.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = Client::connect(cli.server.as_str())
         .await
         .with_context(|| format!("cannot connect to {}", cli.server))?;
@@ -134,12 +197,91 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
-    let out_format = match args.out.extension().and_then(|e| e.to_str()) {
-        None => ImageFormat::Png,
-        Some(ext) => ImageFormat::from_extension(ext)
-            .with_context(|| format!("--out {}: use .png, .jpg or .jpeg", args.out.display()))?,
+/// What `--out` receives.
+#[derive(Clone, Copy)]
+enum Output {
+    Image(ImageFormat),
+    Video(VideoFormat),
+}
+
+/// The output path and format: from the model's modality, `--out`'s extension and
+/// `--video-format`, checked before the generation runs rather than after.
+fn output(
+    model: &ModelInfo,
+    out: Option<PathBuf>,
+    video_format: Option<VideoFormat>,
+) -> anyhow::Result<(PathBuf, Output)> {
+    let extension = out
+        .as_deref()
+        .and_then(|p| p.extension())
+        .and_then(|e| e.to_str());
+    let shown = || {
+        out.as_deref()
+            .map_or(String::new(), |p| p.display().to_string())
     };
+    if model.modality == Modality::Video {
+        let from_extension = extension
+            .map(|ext| {
+                VideoFormat::from_extension(ext).with_context(|| {
+                    format!(
+                        "--out {}: model `{}` makes videos; use .mp4 or .webp",
+                        shown(),
+                        model.name
+                    )
+                })
+            })
+            .transpose()?;
+        let format = match (video_format, from_extension) {
+            (Some(flag), Some(ext)) if flag != ext => {
+                bail!("--video-format {flag} does not match --out {}", shown())
+            }
+            (flag, ext) => flag.or(ext).unwrap_or_default(),
+        };
+        let out = out.unwrap_or_else(|| PathBuf::from(format!("out.{}", format.extension())));
+        return Ok((out, Output::Video(format)));
+    }
+    // Servers ignore video_format for image models, so say so rather than drop it silently.
+    if video_format.is_some() {
+        bail!("--video-format: model `{}` makes images", model.name);
+    }
+    let format = extension
+        .map_or(Some(ImageFormat::Png), ImageFormat::from_extension)
+        .with_context(|| format!("--out {}: use .png, .jpg or .jpeg", shown()))?;
+    Ok((
+        out.unwrap_or_else(|| "out.png".into()),
+        Output::Image(format),
+    ))
+}
+
+/// The served model a generation runs on: `--model`, or the model of `--session`.
+async fn model_info(
+    client: &Client,
+    model: Option<&str>,
+    session: Option<&Session>,
+) -> anyhow::Result<ModelInfo> {
+    let name = match (session, model) {
+        (Some(session), _) => session.info().await?.model,
+        (None, Some(model)) => model.to_owned(),
+        (None, None) => unreachable!("clap requires --model or --session"),
+    };
+    let models = client.list_models().await?;
+    models
+        .iter()
+        .find(|m| m.name == name)
+        .cloned()
+        .with_context(|| {
+            let served: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            format!(
+                "the server has no model `{name}` (it serves: {})",
+                served.join(", ")
+            )
+        })
+}
+
+async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
+    let session = args.session.map(|id| client.session(id));
+    let model = model_info(client, args.model.as_deref(), session.as_ref()).await?;
+    let (out, output) = output(&model, args.out, args.video_format.map(Into::into))?;
     let preview_mode = args.preview.unwrap_or(if args.preview_dir.is_some() {
         PreviewArg::Latent
     } else {
@@ -159,8 +301,15 @@ async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, _) => None,
     };
+    if let Some(dir) = &args.frames_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
 
-    let mut request = GenerateRequest::new(args.prompt).output_format(out_format);
+    let mut request = GenerateRequest::new(args.prompt);
+    match output {
+        Output::Image(format) => request = request.output_format(format),
+        Output::Video(format) => request = request.video_format(format),
+    }
     if let Some(p) = args.negative_prompt {
         request = request.negative_prompt(p);
     }
@@ -188,13 +337,27 @@ async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(preview) = preview {
         request = request.preview(preview.every(args.preview_every).jpeg());
     }
+    if let Some(frames) = args.frames {
+        request = request.num_frames(frames);
+    }
+    if let Some(fps) = args.fps {
+        request = request.fps(fps);
+    }
+    if args.dynamic_cfg {
+        request = request.use_dynamic_cfg(true);
+    }
+    if args.frames_dir.is_some() {
+        request = request.return_frames(true);
+    }
 
     let wall = Instant::now();
-    let session = args.session.map(|id| client.session(id));
-    let stream = match (&session, args.model) {
-        (Some(session), _) => session.generate(request).await?,
-        (None, Some(model)) => client.generate_once(model, args.cache, request).await?,
-        (None, None) => unreachable!("clap requires --model or --session"),
+    let stream = match &session {
+        Some(session) => session.generate(request).await?,
+        None => {
+            client
+                .generate_once(&model.name, args.cache, request)
+                .await?
+        }
     };
 
     let progress = if args.json {
@@ -218,12 +381,39 @@ async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     progress.finish_and_clear();
-    run.completed
-        .image
-        .save(&args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    print_summary(&run, &args.out, preview_dir, wall.elapsed(), args.json);
+    let c = &run.completed;
+    match output {
+        Output::Image(_) => c.image.save(&out),
+        Output::Video(_) => c
+            .video
+            .as_ref()
+            .with_context(|| format!("the server sent no video for model `{}`", model.name))?
+            .save(&out),
+    }
+    .with_context(|| format!("cannot write {}", out.display()))?;
+    let frames = match &args.frames_dir {
+        Some(dir) => c
+            .save_frames(dir)
+            .with_context(|| format!("cannot write the frames to {}", dir.display()))?
+            .len(),
+        None => 0,
+    };
+    let files = Files {
+        out: &out,
+        previews: preview_dir,
+        frames_dir: args.frames_dir.as_deref(),
+        frames,
+    };
+    print_summary(&run, &model, &files, wall.elapsed(), args.json);
     Ok(())
+}
+
+/// Where a generation's results were written.
+struct Files<'a> {
+    out: &'a Path,
+    previews: Option<&'a Path>,
+    frames_dir: Option<&'a Path>,
+    frames: usize,
 }
 
 /// What a finished generation stream produced.
@@ -275,17 +465,28 @@ async fn drive(
     bail!("the generation stream ended without a result")
 }
 
-fn print_summary(run: &Run, out: &Path, previews: Option<&Path>, wall: Duration, json: bool) {
+fn print_summary(run: &Run, model: &ModelInfo, files: &Files, wall: Duration, json: bool) {
     let (s, c) = (&run.started.settings, &run.completed);
+    // What --out received: the video of a video model, else the image.
+    let (width, height, format) = match &c.video {
+        Some(v) => (v.width, v.height, v.format.to_string()),
+        None => (c.image.width, c.image.height, c.image.format.to_string()),
+    };
     if json {
         let summary = serde_json::json!({
-            "output": out.display().to_string(),
+            "output": files.out.display().to_string(),
             "model": s.model,
+            "modality": model.modality.name(),
             "session_id": run.started.session_id,
             "generation_id": c.generation_id,
-            "width": c.image.width,
-            "height": c.image.height,
-            "format": c.image.format.to_string(),
+            "width": width,
+            "height": height,
+            "format": format,
+            "num_frames": c.video.as_ref().map(|v| v.num_frames),
+            "fps": c.video.as_ref().map(|v| v.fps),
+            "use_dynamic_cfg": s.use_dynamic_cfg,
+            "frames": files.frames,
+            "frames_dir": files.frames_dir.map(|dir| dir.display().to_string()),
             "seed": s.seed,
             "steps": c.steps,
             "cache": s.cache.to_string(),
@@ -299,22 +500,35 @@ fn print_summary(run: &Run, out: &Path, previews: Option<&Path>, wall: Duration,
             "denoise_ms": c.denoise_time.as_secs_f64() * 1e3,
             "decode_ms": c.decode_time.as_secs_f64() * 1e3,
             "previews": run.previews,
-            "preview_dir": previews.map(|dir| dir.display().to_string()),
+            "preview_dir": files.previews.map(|dir| dir.display().to_string()),
             "calibrated_mag_ratios": c.calibrated_mag_ratios,
         });
         println!("{summary}");
         return;
     }
+    let frames = c.video.as_ref().map_or(String::new(), |v| {
+        format!(
+            ", {} frames at {} fps, {:.2} s",
+            v.num_frames,
+            v.fps,
+            v.duration().as_secs_f64()
+        )
+    });
     println!(
-        "wrote {} ({}x{} {})",
-        out.display(),
-        c.image.width,
-        c.image.height,
-        c.image.format
+        "wrote {} ({width}x{height} {format}{frames})",
+        files.out.display()
     );
     println!(
-        "model {}, seed {}, {} steps, cache {}",
-        s.model, s.seed, c.steps, s.cache
+        "model {}, seed {}, {} steps, cache {}{}",
+        s.model,
+        s.seed,
+        c.steps,
+        s.cache,
+        if s.use_dynamic_cfg {
+            ", dynamic CFG"
+        } else {
+            ""
+        }
     );
     println!(
         "wall time {:.2} s (server {:.2} s: setup {:.2} s, denoise {:.2} s, decode {:.2} s)",
@@ -336,8 +550,11 @@ fn print_summary(run: &Run, out: &Path, previews: Option<&Path>, wall: Duration,
         c.estimated_flops_total,
         100.0 * c.flops_saved_fraction()
     );
-    if let Some(dir) = previews {
+    if let Some(dir) = files.previews {
         println!("{} previews in {}", run.previews, dir.display());
+    }
+    if let Some(dir) = files.frames_dir {
+        println!("{} frames in {}", files.frames, dir.display());
     }
     if !c.calibrated_mag_ratios.is_empty() {
         let ratios: Vec<String> = c.calibrated_mag_ratios.iter().map(f32::to_string).collect();
@@ -350,9 +567,21 @@ fn print_models(models: &[ModelInfo]) {
         .iter()
         .map(|m| {
             let caches: Vec<&str> = m.supported_caches.iter().map(|k| k.name()).collect();
+            // Video models: default frames (allowed range, 1 + step·k) and default frame rate.
+            let frames = m.video.as_ref().map_or("-".to_owned(), |v| {
+                format!(
+                    "{} ({}..={}, 1+{}k) {} fps",
+                    v.default_num_frames,
+                    v.num_frames.start(),
+                    v.num_frames.end(),
+                    v.num_frames_step,
+                    v.default_fps
+                )
+            });
             vec![
                 m.name.clone(),
                 format!("{}/{}", m.family, m.variant),
+                m.modality.name().to_owned(),
                 format!(
                     "{}x{} ({}..={}, /{})",
                     m.default_width,
@@ -361,6 +590,7 @@ fn print_models(models: &[ModelInfo]) {
                     m.size.end(),
                     m.size_multiple
                 ),
+                frames,
                 format!(
                     "{} ({}..={})",
                     m.default_steps,
@@ -383,7 +613,9 @@ fn print_models(models: &[ModelInfo]) {
         &[
             "NAME",
             "MODEL",
+            "TYPE",
             "SIZE",
+            "FRAMES",
             "STEPS",
             "GUIDANCE",
             "DTYPE/DEVICE",

@@ -1,5 +1,6 @@
-//! An in-process mock of the Denoiser service: four 50 ms steps reporting the session's cache
-//! kind at each step boundary, and the request metadata it saw.
+//! An in-process mock of the Denoiser service: an image model `mock` and a video model
+//! `mock-video`, four 50 ms steps reporting the session's cache kind at each step boundary, and
+//! the requests and metadata it saw.
 
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
@@ -23,7 +24,15 @@ pub struct State {
     pub traceparents: Vec<String>,
     /// `authorization` headers received.
     pub authorization: Vec<String>,
+    /// Generate requests received.
+    pub generate_requests: Vec<v1::GenerateRequest>,
 }
+
+/// The contents of every video `mock-video` returns (a client does not decode videos).
+pub const VIDEO_BYTES: &[u8] = b"\0\0\0\x18ftypisom mock video";
+/// `mock-video`'s frame limits.
+pub const DEFAULT_FRAMES: u32 = 9;
+pub const DEFAULT_FPS: u32 = 8;
 
 #[derive(Clone, Default)]
 pub struct Mock(pub Arc<Mutex<State>>);
@@ -82,17 +91,33 @@ impl Denoiser for Mock {
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
         self.record(&request);
+        let supported_caches = vec![v1::CacheKind::None as i32, v1::CacheKind::TaylorSeer as i32];
         Ok(Response::new(v1::ListModelsResponse {
-            models: vec![v1::ModelInfo {
-                name: "mock".into(),
-                family: "flux".into(),
-                num_blocks: 4,
-                supported_caches: vec![
-                    v1::CacheKind::None as i32,
-                    v1::CacheKind::TaylorSeer as i32,
-                ],
-                ..Default::default()
-            }],
+            models: vec![
+                v1::ModelInfo {
+                    name: "mock".into(),
+                    family: "flux".into(),
+                    num_blocks: 4,
+                    supported_caches: supported_caches.clone(),
+                    modality: v1::Modality::Image as i32,
+                    ..Default::default()
+                },
+                v1::ModelInfo {
+                    name: "mock-video".into(),
+                    family: "cogvideox".into(),
+                    variant: "cogvideox-2b".into(),
+                    num_blocks: 2,
+                    supported_caches,
+                    modality: v1::Modality::Video as i32,
+                    video: Some(v1::VideoLimits {
+                        default_num_frames: DEFAULT_FRAMES,
+                        num_frames: Some(v1::Range { min: 1, max: 49 }),
+                        num_frames_step: 4,
+                        default_fps: DEFAULT_FPS,
+                    }),
+                    ..Default::default()
+                },
+            ],
         }))
     }
 
@@ -102,7 +127,7 @@ impl Denoiser for Mock {
     ) -> Result<Response<v1::Session>, Status> {
         self.record(&request);
         let r = request.into_inner();
-        if r.model != "mock" {
+        if r.model != "mock" && r.model != "mock-video" {
             return Err(Status::not_found(format!("no model {}", r.model)));
         }
         let mut state = self.0.lock().unwrap();
@@ -155,34 +180,62 @@ impl Denoiser for Mock {
     type GenerateStream = ReceiverStream<Result<v1::GenerateEvent, Status>>;
 
     /// Four steps, 50 ms apart, reporting the session's cache kind at each step boundary.
-    /// The prompt "truncate" ends the stream without Completed.
+    /// The prompt "truncate" ends the stream without Completed. `mock-video` completes with a
+    /// video (and the frames when asked); `mock` refuses the video fields as the server does.
     async fn generate(
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         self.record(&request);
         let r = request.into_inner();
-        let session_id = if r.session_id.is_empty() {
-            let session = self
-                .create_session(Request::new(v1::CreateSessionRequest {
-                    model: r.model.clone(),
-                    cache: r.cache.clone(),
-                    ..Default::default()
-                }))
-                .await?
-                .into_inner();
-            session.session_id
+        self.0.lock().unwrap().generate_requests.push(r.clone());
+        let session = if r.session_id.is_empty() {
+            self.create_session(Request::new(v1::CreateSessionRequest {
+                model: r.model.clone(),
+                cache: r.cache.clone(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner()
         } else {
-            self.session(&r.session_id)?.session_id
+            self.session(&r.session_id)?
+        };
+        let (session_id, video) = (session.session_id, session.model == "mock-video");
+        if !video {
+            for (field, set) in [
+                ("num_frames", r.num_frames > 1),
+                ("fps", r.fps != 0),
+                ("use_dynamic_cfg", r.use_dynamic_cfg == Some(true)),
+                ("return_frames", r.return_frames),
+            ] {
+                if set {
+                    return Err(Status::invalid_argument(format!(
+                        "`{field}`: model `mock` makes images"
+                    )));
+                }
+            }
+        }
+        let num_frames = match (video, r.num_frames) {
+            (false, _) => 0,
+            (true, 0) => DEFAULT_FRAMES,
+            (true, n) => n,
+        };
+        let fps = match (video, r.fps) {
+            (false, _) => 0,
+            (true, 0) => DEFAULT_FPS,
+            (true, n) => n,
         };
         let (tx, rx) = mpsc::channel(8);
         let mock = self.clone();
         tokio::spawn(async move {
             let send = |event| tx.send(Ok(v1::GenerateEvent { event: Some(event) }));
             let settings = v1::ResolvedSettings {
-                model: "mock".into(),
+                model: session.model,
                 steps: 4,
                 seed: r.seed.unwrap_or(99),
+                num_frames,
+                fps,
+                use_dynamic_cfg: r.use_dynamic_cfg.unwrap_or(false),
                 ..Default::default()
             };
             send(E::Started(v1::Started {
@@ -225,16 +278,34 @@ impl Denoiser for Mock {
             if r.prompt == "truncate" {
                 return;
             }
+            let image = v1::Image {
+                format: v1::ImageFormat::Png as i32,
+                width: 4,
+                height: 4,
+                data: png(),
+            };
+            let format = match v1::VideoFormat::try_from(r.video_format) {
+                Ok(v1::VideoFormat::Webp) => v1::VideoFormat::Webp,
+                _ => v1::VideoFormat::Mp4,
+            };
             send(E::Completed(v1::Completed {
                 generation_id: "g".into(),
-                image: Some(v1::Image {
-                    format: v1::ImageFormat::Png as i32,
-                    width: 4,
-                    height: 4,
-                    data: png(),
-                }),
+                image: Some(image.clone()),
                 steps: 4,
                 full_compute_steps: 4,
+                video: video.then(|| v1::Video {
+                    format: format as i32,
+                    width: 4,
+                    height: 4,
+                    num_frames,
+                    fps,
+                    data: VIDEO_BYTES.to_vec(),
+                }),
+                frames: if video && r.return_frames {
+                    vec![image; num_frames as usize]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             }))
             .await

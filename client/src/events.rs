@@ -547,17 +547,17 @@ pub(crate) mod tests {
         }
     }
 
-    /// A video model's Completed: first frame, a WebP video and three PNG frames.
+    /// A video model's Completed: first frame, a GIF video and three PNG frames.
     fn completed_video() -> v1::GenerateEvent {
         let mut event = completed();
         if let Some(E::Completed(c)) = &mut event.event {
             c.video = Some(v1::Video {
-                format: v1::VideoFormat::Webp as i32,
+                format: v1::VideoFormat::Gif as i32,
                 width: 8,
                 height: 8,
                 num_frames: 3,
                 fps: 8,
-                data: b"not really a webp".to_vec(),
+                data: b"not really a gif".to_vec(),
             });
             c.frames = (0..3)
                 .map(|_| frame(v1::ImageFormat::Png, encoded(ImageFormat::Png, 8, 8)))
@@ -583,10 +583,10 @@ pub(crate) mod tests {
             panic!()
         };
         let video = c.video.as_ref().unwrap();
-        assert_eq!(video.format, VideoFormat::Webp);
+        assert_eq!(video.format, VideoFormat::Gif);
         assert_eq!((video.width, video.height), (8, 8));
         assert_eq!((video.num_frames, video.fps), (3, 8));
-        assert_eq!(video.bytes, b"not really a webp");
+        assert_eq!(video.bytes, b"not really a gif");
         assert_eq!(c.frames.len(), 3);
 
         let dir = temp_dir().join("frames");

@@ -67,24 +67,24 @@ pub enum VideoFormat {
     /// MP4 with H.264 (the server's default).
     #[default]
     Mp4,
-    /// Animated WebP.
-    Webp,
+    /// Looping animated GIF.
+    Gif,
 }
 
 impl VideoFormat {
-    /// The usual file extension (`mp4`, `webp`).
+    /// The usual file extension (`mp4`, `gif`).
     pub fn extension(self) -> &'static str {
         match self {
             VideoFormat::Mp4 => "mp4",
-            VideoFormat::Webp => "webp",
+            VideoFormat::Gif => "gif",
         }
     }
 
-    /// Guesses the format from a file extension (`mp4`, `webp`; case-insensitive).
+    /// Guesses the format from a file extension (`mp4`, `gif`; case-insensitive).
     pub fn from_extension(extension: &str) -> Option<Self> {
         match extension.to_ascii_lowercase().as_str() {
             "mp4" => Some(VideoFormat::Mp4),
-            "webp" => Some(VideoFormat::Webp),
+            "gif" => Some(VideoFormat::Gif),
             _ => None,
         }
     }
@@ -93,7 +93,7 @@ impl VideoFormat {
     pub fn into_proto(self) -> v1::VideoFormat {
         match self {
             VideoFormat::Mp4 => v1::VideoFormat::Mp4,
-            VideoFormat::Webp => v1::VideoFormat::Webp,
+            VideoFormat::Gif => v1::VideoFormat::Gif,
         }
     }
 
@@ -101,7 +101,7 @@ impl VideoFormat {
     pub fn from_proto(value: i32) -> Option<Self> {
         match v1::VideoFormat::try_from(value).ok()? {
             v1::VideoFormat::Mp4 => Some(VideoFormat::Mp4),
-            v1::VideoFormat::Webp => Some(VideoFormat::Webp),
+            v1::VideoFormat::Gif => Some(VideoFormat::Gif),
             v1::VideoFormat::Unspecified => None,
         }
     }
@@ -216,7 +216,7 @@ impl Preview {
 /// let clip = GenerateRequest::new("waves at night")
 ///     .num_frames(49)
 ///     .fps(8)
-///     .video_format(VideoFormat::Webp)
+///     .video_format(VideoFormat::Gif)
 ///     .return_frames(true);
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -436,14 +436,14 @@ mod tests {
             .num_frames(49)
             .fps(8)
             .use_dynamic_cfg(true)
-            .video_format(VideoFormat::Webp)
+            .video_format(VideoFormat::Gif)
             .return_frames(true);
         // No client-side opinion on frame counts or rates: they depend on the model.
         request.validate().unwrap();
         let proto = request.into_proto();
         assert_eq!((proto.num_frames, proto.fps), (49, 8));
         assert_eq!(proto.use_dynamic_cfg, Some(true));
-        assert_eq!(proto.video_format, v1::VideoFormat::Webp as i32);
+        assert_eq!(proto.video_format, v1::VideoFormat::Gif as i32);
         assert!(proto.return_frames);
 
         // An explicit `false` is sent as such, not as "unset".
@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn image_format_helpers() {
         assert_eq!(ImageFormat::from_extension("JPEG"), Some(ImageFormat::Jpeg));
-        assert_eq!(ImageFormat::from_extension("webp"), None);
+        assert_eq!(ImageFormat::from_extension("gif"), None);
         assert_eq!(ImageFormat::from_proto(0), None);
         for f in [ImageFormat::Png, ImageFormat::Jpeg] {
             assert_eq!(ImageFormat::from_proto(f.into_proto() as i32), Some(f));
@@ -532,7 +532,7 @@ mod tests {
         assert_eq!(VideoFormat::from_extension("png"), None);
         assert_eq!(VideoFormat::from_proto(0), None);
         assert_eq!(VideoFormat::from_proto(42), None);
-        for f in [VideoFormat::Mp4, VideoFormat::Webp] {
+        for f in [VideoFormat::Mp4, VideoFormat::Gif] {
             assert_eq!(VideoFormat::from_proto(f.into_proto() as i32), Some(f));
             assert_eq!(VideoFormat::from_extension(f.extension()), Some(f));
             assert_eq!(f.to_string(), f.extension());

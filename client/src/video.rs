@@ -109,12 +109,12 @@ impl Video {
     }
 }
 
-/// MP4 starts with an `ftyp` box (size, then the tag); WebP is a RIFF file of form `WEBP`.
+/// MP4 starts with an `ftyp` box (size, then the tag); GIF with its `GIF87a`/`GIF89a` signature.
 fn sniff(bytes: &[u8]) -> Option<VideoFormat> {
     if bytes.get(4..8) == Some(b"ftyp") {
         Some(VideoFormat::Mp4)
-    } else if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
-        Some(VideoFormat::Webp)
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some(VideoFormat::Gif)
     } else {
         None
     }
@@ -126,7 +126,7 @@ mod tests {
     use crate::image::tests::temp_dir;
 
     const MP4: &[u8] = b"\0\0\0\x20ftypisom\0\0\x02\0";
-    const WEBP: &[u8] = b"RIFF\x24\0\0\0WEBPVP8X";
+    const GIF: &[u8] = b"GIF89a\x04\0\x04\0";
 
     fn proto(format: v1::VideoFormat, data: &[u8]) -> v1::Video {
         v1::Video {
@@ -141,25 +141,22 @@ mod tests {
 
     #[test]
     fn convert_and_save() {
-        let video = Video::from_proto(proto(v1::VideoFormat::Webp, WEBP)).unwrap();
-        assert_eq!(video.format, VideoFormat::Webp);
+        let video = Video::from_proto(proto(v1::VideoFormat::Gif, GIF)).unwrap();
+        assert_eq!(video.format, VideoFormat::Gif);
         assert_eq!((video.width, video.height), (48, 32));
         assert_eq!((video.num_frames, video.fps), (9, 8));
         assert_eq!(video.duration(), Duration::from_millis(1125));
-        assert_eq!(
-            video.clone().into_proto(),
-            proto(v1::VideoFormat::Webp, WEBP)
-        );
-        assert!(format!("{video:?}").contains("<16 bytes>"));
+        assert_eq!(video.clone().into_proto(), proto(v1::VideoFormat::Gif, GIF));
+        assert!(format!("{video:?}").contains("<10 bytes>"));
 
         let dir = temp_dir();
-        video.save(dir.join("clip.webp")).unwrap();
-        assert_eq!(std::fs::read(dir.join("clip.webp")).unwrap(), WEBP);
+        video.save(dir.join("clip.gif")).unwrap();
+        assert_eq!(std::fs::read(dir.join("clip.gif")).unwrap(), GIF);
         video.save(dir.join("clip")).unwrap();
-        assert_eq!(std::fs::read(dir.join("clip")).unwrap(), WEBP);
+        assert_eq!(std::fs::read(dir.join("clip")).unwrap(), GIF);
         for (name, message) in [
-            ("clip.mp4", "the video is webp (use .webp)"),
-            ("clip.gif", "unsupported extension \"gif\""),
+            ("clip.mp4", "the video is gif (use .gif)"),
+            ("clip.avi", "unsupported extension \"avi\""),
         ] {
             let err = video.save(dir.join(name)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -171,11 +168,12 @@ mod tests {
 
     #[test]
     fn unspecified_format_is_sniffed() {
-        for (data, format) in [(MP4, VideoFormat::Mp4), (WEBP, VideoFormat::Webp)] {
+        for (data, format) in [(MP4, VideoFormat::Mp4), (GIF, VideoFormat::Gif)] {
             let video = Video::from_proto(proto(v1::VideoFormat::Unspecified, data)).unwrap();
             assert_eq!(video.format, format);
         }
-        let err = Video::from_proto(proto(v1::VideoFormat::Unspecified, b"GIF89a")).unwrap_err();
+        let err =
+            Video::from_proto(proto(v1::VideoFormat::Unspecified, b"RIFF....AVI ")).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
     }
 

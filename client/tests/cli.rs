@@ -144,7 +144,7 @@ async fn bad_arguments_fail_with_clear_messages() {
         "{stderr}"
     );
 
-    let output = run(&url, &["generate", "--model", "mock", "--out", "x.webp"]).await;
+    let output = run(&url, &["generate", "--model", "mock", "--out", "x.gif"]).await;
     let stderr = one_line_error(&output);
     assert!(stderr.contains("use .png, .jpg or .jpeg"), "{stderr}");
 
@@ -185,7 +185,7 @@ async fn bad_arguments_fail_with_clear_messages() {
 async fn generate_video_writes_video_and_frames() {
     let (mock, url) = common::serve().await;
     let dir = temp_dir("video");
-    let out = dir.join("clip.webp");
+    let out = dir.join("clip.gif");
     let frames = dir.join("frames");
     let last_request = || mock.0.lock().unwrap().generate_requests.pop().unwrap();
 
@@ -213,7 +213,7 @@ async fn generate_video_writes_video_and_frames() {
     assert!(output.status.success(), "{output:?}");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["modality"], "video");
-    assert_eq!(summary["format"], "webp");
+    assert_eq!(summary["format"], "gif");
     assert_eq!(summary["num_frames"], 5);
     assert_eq!(summary["fps"], 12);
     assert_eq!(summary["use_dynamic_cfg"], true);
@@ -230,7 +230,7 @@ async fn generate_video_writes_video_and_frames() {
     assert_eq!((request.num_frames, request.fps), (5, 12));
     assert_eq!(request.use_dynamic_cfg, Some(true));
     // The container follows the extension; frames stay in the default image format.
-    assert_eq!(request.video_format, v1::VideoFormat::Webp as i32);
+    assert_eq!(request.video_format, v1::VideoFormat::Gif as i32);
     assert_eq!(request.output_format, v1::ImageFormat::Unspecified as i32);
     assert!(request.return_frames);
 
@@ -238,24 +238,18 @@ async fn generate_video_writes_video_and_frames() {
     let output = run_in(
         Some(&dir),
         &url,
-        &[
-            "generate",
-            "--model",
-            "mock-video",
-            "--video-format",
-            "webp",
-        ],
+        &["generate", "--model", "mock-video", "--video-format", "gif"],
     )
     .await;
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
-        text.starts_with("wrote out.webp (4x4 webp, 9 frames at 8 fps, 1.12 s)"),
+        text.starts_with("wrote out.gif (4x4 gif, 9 frames at 8 fps, 1.12 s)"),
         "{text}"
     );
-    assert_eq!(std::fs::read(dir.join("out.webp")).unwrap(), VIDEO_BYTES);
+    assert_eq!(std::fs::read(dir.join("out.gif")).unwrap(), VIDEO_BYTES);
     let request = last_request();
-    assert_eq!(request.video_format, v1::VideoFormat::Webp as i32);
+    assert_eq!(request.video_format, v1::VideoFormat::Gif as i32);
     assert_eq!((request.num_frames, request.fps), (0, 0));
     assert_eq!(request.use_dynamic_cfg, None);
     assert!(!request.return_frames);
@@ -300,7 +294,7 @@ async fn video_arguments_fail_before_generating() {
     for (args, message) in [
         (
             vec!["--model", "mock-video", "--out", &path("x.png")],
-            "model `mock-video` makes videos; use .mp4 or .webp",
+            "model `mock-video` makes videos; use .mp4 or .gif",
         ),
         (
             vec![
@@ -309,12 +303,12 @@ async fn video_arguments_fail_before_generating() {
                 "--out",
                 &path("x.mp4"),
                 "--video-format",
-                "webp",
+                "gif",
             ],
-            "--video-format webp does not match --out",
+            "--video-format gif does not match --out",
         ),
         (
-            vec!["--model", "mock", "--video-format", "webp"],
+            vec!["--model", "mock", "--video-format", "gif"],
             "--video-format: model `mock` makes images",
         ),
     ] {

@@ -207,7 +207,7 @@ async fn video_generation_returns_video_and_frames() {
         .fps(12)
         .guidance(6.0)
         .use_dynamic_cfg(true)
-        .video_format(VideoFormat::Webp)
+        .video_format(VideoFormat::Gif)
         .return_frames(true);
     let mut stream = session.generate(request).await.unwrap();
     let (mut started, mut steps, mut completed) = (None, 0, None);
@@ -226,7 +226,7 @@ async fn video_generation_returns_video_and_frames() {
 
     let done = completed.unwrap();
     let video = done.video.as_ref().unwrap();
-    assert_eq!(video.format, VideoFormat::Webp);
+    assert_eq!(video.format, VideoFormat::Gif);
     assert_eq!((video.width, video.height), (4, 4));
     assert_eq!((video.num_frames, video.fps), (5, 12));
     assert_eq!(video.bytes, VIDEO_BYTES);
@@ -236,8 +236,8 @@ async fn video_generation_returns_video_and_frames() {
 
     let dir = std::env::temp_dir().join(format!("denoised-video-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    video.save(dir.join("clip.webp")).unwrap();
-    assert_eq!(std::fs::read(dir.join("clip.webp")).unwrap(), VIDEO_BYTES);
+    video.save(dir.join("clip.gif")).unwrap();
+    assert_eq!(std::fs::read(dir.join("clip.gif")).unwrap(), VIDEO_BYTES);
     let err = video.save(dir.join("clip.mp4")).unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let paths = done.save_frames(dir.join("frames")).unwrap();
@@ -251,7 +251,7 @@ async fn video_generation_returns_video_and_frames() {
     assert_eq!((received.num_frames, received.fps), (5, 12));
     assert_eq!(received.guidance, Some(6.0));
     assert_eq!(received.use_dynamic_cfg, Some(true));
-    assert_eq!(received.video_format, v1::VideoFormat::Webp as i32);
+    assert_eq!(received.video_format, v1::VideoFormat::Gif as i32);
     assert!(received.return_frames);
 
     // Defaults: the server's frame count, rate and container (MP4), no frames.

@@ -98,8 +98,8 @@ struct GenerateArgs {
     #[arg(long)]
     preview_dir: Option<PathBuf>,
     /// Output file; the extension selects the format: `.png`, `.jpg` or `.jpeg` for image
-    /// models, `.mp4` or `.webp` for video models (default: out.png; for video models out.mp4,
-    /// or out.webp with --video-format webp).
+    /// models, `.mp4` or `.gif` for video models (default: out.png; for video models out.mp4,
+    /// or out.gif with --video-format gif).
     #[arg(long, visible_alias = "output")]
     out: Option<PathBuf>,
     /// Video models: frames to generate, 1 + k·step (default: the model's; see `models`).
@@ -136,15 +136,15 @@ enum PreviewArg {
 enum VideoFormatArg {
     /// MP4 (H.264).
     Mp4,
-    /// Animated WebP.
-    Webp,
+    /// Looping animated GIF.
+    Gif,
 }
 
 impl From<VideoFormatArg> for VideoFormat {
     fn from(arg: VideoFormatArg) -> Self {
         match arg {
             VideoFormatArg::Mp4 => VideoFormat::Mp4,
-            VideoFormatArg::Webp => VideoFormat::Webp,
+            VideoFormatArg::Gif => VideoFormat::Gif,
         }
     }
 }
@@ -224,7 +224,7 @@ fn output(
             .map(|ext| {
                 VideoFormat::from_extension(ext).with_context(|| {
                     format!(
-                        "--out {}: model `{}` makes videos; use .mp4 or .webp",
+                        "--out {}: model `{}` makes videos; use .mp4 or .gif",
                         shown(),
                         model.name
                     )

@@ -285,7 +285,7 @@ impl Denoiser for Mock {
                 data: png(),
             };
             let format = match v1::VideoFormat::try_from(r.video_format) {
-                Ok(v1::VideoFormat::Webp) => v1::VideoFormat::Webp,
+                Ok(v1::VideoFormat::Gif) => v1::VideoFormat::Gif,
                 _ => v1::VideoFormat::Mp4,
             };
             send(E::Completed(v1::Completed {

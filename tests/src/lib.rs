@@ -43,6 +43,20 @@ pub fn tiny_model_dir() -> PathBuf {
 
 const TINY_MODEL_FOLDER: &str = "schnell_like";
 
+/// The tiny random CogVideoX pipeline (2b-style, diffusers layout) the parity data script writes.
+pub fn tiny_video_model_dir() -> PathBuf {
+    let data = std::env::var_os("DENOISED_PARITY_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("tests/parity/data"));
+    let dir = data.join("cogvideox_pipeline/tiny_2b");
+    assert!(
+        dir.join("model_index.json").is_file(),
+        "{} is missing: run `make parity-data` first",
+        dir.display()
+    );
+    dir
+}
+
 /// A server on a free loopback port, serving the tiny model on the CPU.
 pub struct TestServer {
     pub running: RunningServer,

@@ -19,7 +19,7 @@ use denoised_server::models::cogvideox::scheduler::{
     CogVideoXScheduler, CogVideoXSchedulerConfig, SchedulerKind, StepOutput,
 };
 use denoised_server::models::cogvideox::transformer::{CogVideoXTransformer, Positions};
-use denoised_server::models::cogvideox::vae::AutoencoderKLCogVideoX;
+use denoised_server::models::cogvideox::vae::{AutoencoderKLCogVideoX, Tiling};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -388,6 +388,67 @@ fn vae_encode_matches_diffusers() {
             );
         }
     }
+}
+
+/// diffusers' `enable_tiling` cases: the tiled decode matches, tiles exactly when diffusers did, and
+/// differs from the untiled decode when it tiles (so the comparison exercises the tiling).
+#[test]
+fn vae_tiled_decode_matches_diffusers() {
+    let (mut tiled_cases, mut untiled_cases) = (0, 0);
+    for (dir, entry, reference) in vaes() {
+        let vae = AutoencoderKLCogVideoX::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let name = entry["name"].as_str().unwrap();
+        let cases = entry["tiled_decodes"].as_array().unwrap_or_else(|| {
+            panic!("manifest: {name} has no `tiled_decodes`; regenerate with `make parity-data`")
+        });
+        for case in cases {
+            let label = format!("{name}: tiled decode `{}`", case["name"].as_str().unwrap());
+            let t = &case["tiling"];
+            let tiling = Tiling {
+                tile_sample_min_height: t["tile_sample_min_height"].as_i64().unwrap(),
+                tile_sample_min_width: t["tile_sample_min_width"].as_i64().unwrap(),
+                tile_overlap_factor_height: t["tile_overlap_factor_height"].as_f64().unwrap(),
+                tile_overlap_factor_width: t["tile_overlap_factor_width"].as_f64().unwrap(),
+            };
+            if case["enable_tiling"].as_object().unwrap().is_empty() {
+                assert_eq!(Tiling::defaults(vae.config()), tiling, "{label}: defaults");
+            }
+            let z = reference.get(case["latent"].as_str().unwrap());
+            let (h, w) = (z.size()[3], z.size()[4]);
+            let tiled = case["tiled"].as_bool().unwrap();
+            assert_eq!(
+                vae.uses_tiles(h, w, &tiling),
+                tiled,
+                "{label}: tiles or not"
+            );
+            let video = tch::no_grad(|| vae.decode_with(z, Some(&tiling))).unwrap();
+            let expected = reference.get(case["decoded"].as_str().unwrap());
+            assert_vae_close(&label, &video, expected);
+            let untiled = tch::no_grad(|| vae.decode(z));
+            if tiled {
+                // diffusers' crops can make a tiled decode another size than the untiled one.
+                let change = if untiled.size() == video.size() {
+                    let diff = max_abs_diff(&untiled, &video);
+                    assert!(
+                        diff > 100.0 * VAE_TOLERANCE,
+                        "{label}: tiling barely changed the decode (max |Δ| {diff:e})"
+                    );
+                    format!("max |Δ| {diff:.3e}")
+                } else {
+                    format!("shape {:?}", untiled.size())
+                };
+                println!("{label}: {} tiles; untiled decode: {change}", case["tiles"]);
+                tiled_cases += 1;
+            } else {
+                assert!(video.equal(&untiled), "{label}: not the untiled decode");
+                untiled_cases += 1;
+            }
+        }
+    }
+    assert!(
+        tiled_cases >= 2 && untiled_cases >= 1,
+        "manifest: too few tiled-decode cases"
+    );
 }
 
 /// A copy of a VAE folder whose config.json is edited by `edit`.

@@ -9,7 +9,10 @@ Writes, under ``--out`` (``tests/parity/data/cogvideox``):
   spacing for a sweep of step counts;
 * ``<vae>/``: a tiny random AutoencoderKLCogVideoX saved with ``save_pretrained`` per VAE config,
   and ``<vae>.safetensors``: decodes of seeded random latents for several latent frame counts (odd
-  and even, so both of ``_decode``'s frame batchings run) and encodes of seeded random videos;
+  and even, so both of ``_decode``'s frame batchings run), encodes of seeded random videos, and
+  decodes with ``enable_tiling`` (small tiles that overlap in both directions, tiles whose stride
+  and crop disagree, one direction only, and sizes that do not tile: the latent equal to the tile,
+  and the default tile sizes);
 * ``manifest.json``: everything the Rust tests need to know about the above.
 
 The DPM runs draw their noise as CogVideoXPipeline does: one CPU generator seeded once, first the
@@ -78,11 +81,33 @@ VAES = [
     dict(name="vae_4_levels", seed=7,
          config=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
                      temporal_compression_ratio=4, scaling_factor=1.15258426),
-         batch=1, latent_hw=(3, 4), latent_frames=[1, 3, 4, 5], video_frames=[9, 17]),
+         batch=1, latent_hw=(3, 4), latent_frames=[1, 3, 4, 5], video_frames=[9, 17],
+         # (name, latent [frames, h, w], enable_tiling keyword arguments). Tiles are 2^3 px per
+         # latent px here; diffusers' strides are in latent px, its blends and crops in pixels.
+         tiled_decodes=[
+             # 32x40 px tiles, stride 3x4 latent px, blend 8x8 px: 2x3 tiles, 48x72 px out.
+             ("grid", (5, 6, 9), dict(tile_sample_min_height=32, tile_sample_min_width=40,
+                                      tile_overlap_factor_height=1 / 4, tile_overlap_factor_width=1 / 5)),
+             # Stride 1x2 latent px but crops of 14x20 px: 4x4 tiles, and the output (50x68 px) is not
+             # 8x the latent (32x56), as diffusers makes it. One frame, to keep the 16 tiles fast.
+             ("uneven_crops", (1, 4, 7), dict(tile_sample_min_height=16, tile_sample_min_width=24,
+                                              tile_overlap_factor_height=1 / 6, tile_overlap_factor_width=1 / 5)),
+             # Only the width exceeds the tile, yet the height is cut too (stride 5 of 6 rows).
+             ("width_only", (1, 6, 9), dict(tile_sample_min_height=48, tile_sample_min_width=40)),
+             # The latent is exactly the tile: not tiled (diffusers tiles only a larger one).
+             ("equal_to_tile", (3, 6, 9), dict(tile_sample_min_height=48, tile_sample_min_width=72)),
+             # enable_tiling() of the config (sample 480x720): 240x360 px tiles, not reached here.
+             ("defaults", (3, 6, 9), dict()),
+         ]),
     dict(name="vae_2_levels", seed=8,
          config=dict(block_out_channels=(8, 16), latent_channels=3, layers_per_block=2, norm_num_groups=4,
                      temporal_compression_ratio=2, norm_eps=1e-5, scaling_factor=0.7),
-         batch=2, latent_hw=(5, 3), latent_frames=[3, 4], video_frames=[5, 12]),
+         batch=2, latent_hw=(5, 3), latent_frames=[3, 4], video_frames=[5, 12],
+         # 2 px per latent px: 8x6 px tiles, stride 3x2, blend 2x2 px: 3x4 tiles, 16x14 px out.
+         tiled_decodes=[
+             ("grid", (4, 8, 7), dict(tile_sample_min_height=8, tile_sample_min_width=6,
+                                      tile_overlap_factor_height=1 / 4, tile_overlap_factor_width=1 / 3)),
+         ]),
 ]
 
 
@@ -118,11 +143,52 @@ def vae_references(root: Path) -> list[dict]:
                 tensors[f"video{frames}"] = video
                 tensors[f"mean{frames}"] = vae.encode(video).latent_dist.mean
                 encodes.append({"frames": frames, "latent_frames": tensors[f"mean{frames}"].shape[2]})
+        tiled = tiled_references(root / spec["name"], spec, gen, tensors)
         reference = f"{spec['name']}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / reference))
         entries.append({"name": spec["name"], "dir": spec["name"], "reference": reference,
-                        "levels": len(c.block_out_channels), "decodes": decodes, "encodes": encodes})
+                        "levels": len(c.block_out_channels), "decodes": decodes, "encodes": encodes,
+                        "tiled_decodes": tiled})
     return entries
+
+
+def tiled_references(folder: Path, spec: dict, gen: torch.Generator, tensors: dict) -> list[dict]:
+    """Decodes with tiling enabled, one freshly loaded VAE per case (enable_tiling keeps the previous
+    call's values for the arguments it is not given). Records whether `_decode` went through
+    `tiled_decode` and how many tiles it decoded (decoder calls without a conv cache)."""
+    cases = []
+    for name, (frames, h, w), kwargs in spec["tiled_decodes"]:
+        vae = AutoencoderKLCogVideoX.from_pretrained(str(folder)).eval()
+        vae.enable_tiling(**kwargs)
+        tiled_calls, tiles = [], []
+        tiled_decode, decoder_forward = vae.tiled_decode, vae.decoder.forward
+
+        def counting_tiled_decode(*args, **kw):
+            tiled_calls.append(1)
+            return tiled_decode(*args, **kw)
+
+        def counting_decoder(sample, *args, conv_cache=None, **kw):
+            if conv_cache is None:
+                tiles.append(tuple(sample.shape[3:]))
+            return decoder_forward(sample, *args, conv_cache=conv_cache, **kw)
+
+        vae.tiled_decode, vae.decoder.forward = counting_tiled_decode, counting_decoder
+        latent = torch.randn(spec["batch"], vae.config.latent_channels, frames, h, w, generator=gen)
+        with torch.no_grad():
+            decoded = vae.decode(latent).sample
+        tensors[f"tiled_{name}.latent"], tensors[f"tiled_{name}.decoded"] = latent, decoded
+        cases.append({
+            "name": name, "latent": f"tiled_{name}.latent", "decoded": f"tiled_{name}.decoded",
+            "enable_tiling": kwargs,
+            # The values enable_tiling settled on, which tiled_decode reads.
+            "tiling": {key: getattr(vae, key) for key in (
+                "tile_sample_min_height", "tile_sample_min_width",
+                "tile_overlap_factor_height", "tile_overlap_factor_width")},
+            "tile_latent_min": [vae.tile_latent_min_height, vae.tile_latent_min_width],
+            "tiled": bool(tiled_calls), "tiles": len(tiles) if tiled_calls else 0,
+            "output_shape": list(decoded.shape),
+        })
+    return cases
 
 
 def record_dpm_draws():

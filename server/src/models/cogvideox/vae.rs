@@ -10,11 +10,22 @@
 //! (diffusers' `conv_cache`); the first chunk is padded with copies of its first frame.
 //!
 //! Tensors are `[B, C, F, H, W]`. The pipeline divides latents by `scaling_factor` before
-//! [`AutoencoderKLCogVideoX::decode`]; decode does not. Not implemented: tiled decoding/encoding
-//! (`enable_tiling`, off by default in diffusers; a tiled decode's numbers differ from these),
-//! quant convs (`use_quant_conv`/`use_post_quant_conv`, rejected), and `CogVideoXSafeConv3d`'s
-//! splitting of convs over about 1 G input elements into time chunks (a memory saving that leaves
-//! the result unchanged up to the conv algorithm's rounding).
+//! [`AutoencoderKLCogVideoX::decode`]; decode does not.
+//!
+//! Tiled decoding ([`AutoencoderKLCogVideoX::decode_tiled`], diffusers' `enable_tiling` +
+//! `tiled_decode`, off by default there) bounds the decoder's memory by the tile instead of the
+//! frame: the latent is cut into overlapping spatial tiles, each decoded on its own (its own frame
+//! chunks and conv cache), each tile's top and left edges are linearly cross-faded with the tiles
+//! above and to the left, and the tiles are cropped and stitched. The numbers differ from an
+//! untiled decode (every GroupNorm sees one tile only). diffusers' defaults ([`Tiling::defaults`])
+//! are half the config's `sample_height` x `sample_width`: 240 x 360 px tiles (30 x 45 latent px)
+//! for CogVideoX's 480 x 720, overlapping by 1/6 of the height and 1/5 of the width; a latent no
+//! larger than one tile is not tiled ([`AutoencoderKLCogVideoX::uses_tiles`]).
+//!
+//! Not implemented: tiled encoding, quant convs (`use_quant_conv`/`use_post_quant_conv`,
+//! rejected), and `CogVideoXSafeConv3d`'s splitting of convs over about 1 G input elements into
+//! time chunks (a memory saving that leaves the result unchanged up to the conv algorithm's
+//! rounding).
 use std::path::Path;
 
 use serde::Deserialize;
@@ -59,6 +70,10 @@ pub struct CogVideoXVaeConfig {
     pub norm_num_groups: i64,
     /// A power of two; its log2 is the number of levels that also halve time.
     pub temporal_compression_ratio: f64,
+    /// The video height the checkpoint was made for; only sizes the default tiles.
+    pub sample_height: i64,
+    /// The video width the checkpoint was made for; only sizes the default tiles.
+    pub sample_width: i64,
     /// The pipeline's latents are `z * scaling_factor`.
     pub scaling_factor: f64,
     /// The checkpoint asks to run the VAE in f32 even when the rest runs in half precision.
@@ -84,6 +99,8 @@ impl Default for CogVideoXVaeConfig {
             norm_eps: 1e-6,
             norm_num_groups: 32,
             temporal_compression_ratio: 4.0,
+            sample_height: 480,
+            sample_width: 720,
             scaling_factor: 1.152_584_26,
             force_upcast: true,
             use_quant_conv: false,
@@ -118,6 +135,8 @@ impl CogVideoXVaeConfig {
             ("latent_channels", self.latent_channels),
             ("layers_per_block", self.layers_per_block),
             ("norm_num_groups", self.norm_num_groups),
+            ("sample_height", self.sample_height),
+            ("sample_width", self.sample_width),
         ] {
             if value <= 0 {
                 return err(key, format!("must be positive, got {value}"));
@@ -180,6 +199,157 @@ impl CogVideoXVaeConfig {
     fn temporal_levels(&self) -> usize {
         self.temporal_compression_ratio.log2() as usize
     }
+
+    /// Video pixels per latent pixel along height and width: `2^(levels - 1)`.
+    fn spatial_compression(&self) -> i64 {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// diffusers' tiling parameters: tile sizes in video pixels, and the fraction of a tile that
+/// overlaps its neighbour. These are the attributes `enable_tiling` leaves (its arguments when
+/// given, where a `None` or 0 argument keeps the current value).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiling {
+    /// Tile height in video pixels.
+    pub tile_sample_min_height: i64,
+    /// Tile width in video pixels.
+    pub tile_sample_min_width: i64,
+    /// In `[0, 1)`.
+    pub tile_overlap_factor_height: f64,
+    /// In `[0, 1)`.
+    pub tile_overlap_factor_width: f64,
+}
+
+impl Tiling {
+    /// What `enable_tiling()` without arguments sets: half the config's sample size (Python `//`),
+    /// overlaps 1/6 (height) and 1/5 (width).
+    pub fn defaults(config: &CogVideoXVaeConfig) -> Self {
+        Self {
+            tile_sample_min_height: config.sample_height / 2,
+            tile_sample_min_width: config.sample_width / 2,
+            tile_overlap_factor_height: 1.0 / 6.0,
+            tile_overlap_factor_width: 1.0 / 5.0,
+        }
+    }
+
+    /// diffusers' `tile_latent_min_height` / `_width`: `int(tile_sample_min / 2^(levels - 1))`.
+    fn latent_min(&self, spatial: i64) -> (i64, i64) {
+        let latent = |sample: i64| (sample as f64 / spatial as f64) as i64;
+        (
+            latent(self.tile_sample_min_height),
+            latent(self.tile_sample_min_width),
+        )
+    }
+
+    /// Both axes of the tile grid (height, width), with diffusers' float-then-truncate rounding.
+    /// Sizes diffusers would fail on (a zero stride) or that skip latent pixels are errors.
+    fn axes(&self, spatial: i64) -> Result<(TileAxis, TileAxis)> {
+        let (latent_h, latent_w) = self.latent_min(spatial);
+        Ok((
+            TileAxis::new(
+                ("tile_sample_min_height", self.tile_sample_min_height),
+                (
+                    "tile_overlap_factor_height",
+                    self.tile_overlap_factor_height,
+                ),
+                latent_h,
+            )?,
+            TileAxis::new(
+                ("tile_sample_min_width", self.tile_sample_min_width),
+                ("tile_overlap_factor_width", self.tile_overlap_factor_width),
+                latent_w,
+            )?,
+        ))
+    }
+}
+
+/// One direction of `tiled_decode`'s grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TileAxis {
+    /// Tile size in latent pixels (`tile_latent_min_*`).
+    latent: i64,
+    /// Latent pixels from one tile's start to the next (`overlap_*`).
+    stride: i64,
+    /// Decoded pixels cross-faded with the previous tile (`blend_extent_*`).
+    blend: i64,
+    /// Decoded pixels kept of each tile (`row_limit_*`).
+    limit: i64,
+}
+
+impl TileAxis {
+    fn new(
+        (sample_key, sample): (&str, i64),
+        (overlap_key, overlap): (&str, f64),
+        latent: i64,
+    ) -> Result<Self> {
+        if sample <= 0 {
+            return Err(ModelError::invalid_input(
+                sample_key,
+                format!("must be positive, got {sample}"),
+            ));
+        }
+        // Negative overlaps would leave gaps between tiles; 1 and above a zero stride.
+        if !(0.0..1.0).contains(&overlap) {
+            return Err(ModelError::invalid_input(
+                overlap_key,
+                format!("must be in [0, 1), got {overlap}"),
+            ));
+        }
+        let stride = (latent as f64 * (1.0 - overlap)) as i64;
+        if stride == 0 {
+            return Err(ModelError::invalid_input(
+                sample_key,
+                format!(
+                    "tiles of {sample} px are {latent} latent px, which with overlap {overlap} \
+                     leaves a tile stride of 0 latent px"
+                ),
+            ));
+        }
+        let blend = (sample as f64 * overlap) as i64;
+        Ok(Self {
+            latent,
+            stride,
+            blend,
+            limit: sample - blend,
+        })
+    }
+
+    /// Tile starts along an axis of `size` latent pixels: `range(0, size, stride)`, the last tiles
+    /// cut short by the edge.
+    fn tiles(&self, size: i64) -> impl Iterator<Item = (i64, i64)> + '_ {
+        (0..size)
+            .step_by(self.stride as usize)
+            .map(move |start| (start, self.latent.min(size - start)))
+    }
+}
+
+/// diffusers' `blend_v` (`dim` 3) / `blend_h` (`dim` 4): `b`'s first `extent` rows (columns)
+/// cross-faded from `a`'s last ones, `b`'s weight `y / extent` at row `y`; the rest of `b` as is.
+fn blend(a: &Tensor, b: &Tensor, extent: i64, dim: i64) -> Tensor {
+    let (a_len, b_len) = (a.size()[dim as usize], b.size()[dim as usize]);
+    let extent = extent.min(a_len).min(b_len);
+    if extent == 0 {
+        return b.shallow_clone();
+    }
+    // The weights as diffusers' Python floats: computed in f64, rounded once to the tensor's kind.
+    let (weight_a, weight_b): (Vec<f64>, Vec<f64>) = (0..extent)
+        .map(|y| {
+            let t = y as f64 / extent as f64;
+            (1.0 - t, t)
+        })
+        .unzip();
+    let mut shape = [1i64; 5];
+    shape[dim as usize] = extent;
+    let weight = |w: &[f64]| {
+        Tensor::from_slice(w)
+            .to_kind(b.kind())
+            .to_device(b.device())
+            .reshape(shape)
+    };
+    let head = a.narrow(dim, a_len - extent, extent) * weight(&weight_a)
+        + b.narrow(dim, 0, extent) * weight(&weight_b);
+    Tensor::cat(&[head, b.narrow(dim, extent, b_len - extent)], dim)
 }
 
 /// The causal convs' time padding carried from one frame chunk to the next: diffusers' nested
@@ -795,6 +965,80 @@ impl AutoencoderKLCogVideoX {
         })
     }
 
+    /// Whether diffusers' `_decode` would tile a latent of `latent_height` x `latent_width` with
+    /// `tiling` enabled: only when it is larger than one tile,
+    /// `width > tile_latent_min_width or height > tile_latent_min_height` (strictly).
+    pub fn uses_tiles(&self, latent_height: i64, latent_width: i64, tiling: &Tiling) -> bool {
+        let (min_h, min_w) = tiling.latent_min(self.config.spatial_compression());
+        latent_width > min_w || latent_height > min_h
+    }
+
+    /// diffusers' `decode` with `tiling` enabled (`Some`) or not: [`Self::decode_tiled`] when
+    /// [`Self::uses_tiles`] says so, else [`Self::decode`]. A `tiling` that could not tile is an
+    /// error even when this latent is not tiled.
+    pub fn decode_with(&self, z: &Tensor, tiling: Option<&Tiling>) -> Result<Tensor> {
+        if let Some(tiling) = tiling {
+            // Checked here too, so that a bad tiling fails whatever the latent's size.
+            tiling.axes(self.config.spatial_compression())?;
+            let (_, _, _, height, width) = z.size5()?;
+            if self.uses_tiles(height, width, tiling) {
+                return self.decode_tiled(z, tiling);
+            }
+        }
+        Ok(self.decode(z))
+    }
+
+    /// diffusers' `tiled_decode`, whatever the latent's size: `z` [B, latent, f, h, w] cut into
+    /// tiles of `tile_latent_min` latent px every `int(tile_latent_min * (1 - overlap))`, rows
+    /// first; each tile decoded as [`Self::decode`] does (own frame chunks, fresh conv cache);
+    /// each tile's first `int(tile_sample_min * overlap)` px blended with the tile above, then
+    /// with the tile to the left; each tile cropped to `tile_sample_min - blend` px and the crops
+    /// concatenated. The output is `s·h` x `s·w` (s = 2^(levels-1)) only when the crop equals
+    /// `s·stride`, as with the default sizes; otherwise it is whatever diffusers makes.
+    pub fn decode_tiled(&self, z: &Tensor, tiling: &Tiling) -> Result<Tensor> {
+        let (rows_axis, cols_axis) = tiling.axes(self.config.spatial_compression())?;
+        let (_, _, _, height, width) = z.size5()?;
+        // Per tile [B, out, F, s·tile_h, s·tile_w]; the edge tiles are smaller.
+        let mut rows: Vec<Vec<Tensor>> = rows_axis
+            .tiles(height)
+            .map(|(top, tile_h)| {
+                cols_axis
+                    .tiles(width)
+                    .map(|(left, tile_w)| {
+                        self.decode(&z.narrow(3, top, tile_h).narrow(4, left, tile_w))
+                    })
+                    .collect()
+            })
+            .collect();
+        // diffusers blends in place, so a tile's neighbours below and to the right blend with its
+        // already blended pixels: replace each tile by its blend before moving on.
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let mut tile = rows[i][j].shallow_clone();
+                if i > 0 {
+                    tile = blend(&rows[i - 1][j], &tile, rows_axis.blend, 3);
+                }
+                if j > 0 {
+                    tile = blend(&rows[i][j - 1], &tile, cols_axis.blend, 4);
+                }
+                rows[i][j] = tile;
+            }
+        }
+        let crop =
+            |t: &Tensor, dim: i64, limit: i64| t.narrow(dim, 0, limit.min(t.size()[dim as usize]));
+        let stitched: Vec<Tensor> = rows
+            .iter()
+            .map(|row| {
+                let cropped: Vec<Tensor> = row
+                    .iter()
+                    .map(|t| crop(&crop(t, 3, rows_axis.limit), 4, cols_axis.limit))
+                    .collect();
+                Tensor::cat(&cropped, 4)
+            })
+            .collect();
+        Ok(Tensor::cat(&stitched, 3))
+    }
+
     /// Video `x` [B, in_channels, F, H, W] in [-1, 1] -> mean of the latent distribution
     /// [B, latent_channels, f, h, w] (unscaled; the first half of the moments), encoded 8 frames
     /// at a time (the remainder `F % 8` in the first chunk).
@@ -841,6 +1085,10 @@ mod tests {
             ),
             (format!(r#"{{{class}, "act_fn": "gelu"}}"#), "`act_fn`"),
             (
+                format!(r#"{{{class}, "sample_width": 0}}"#),
+                "`sample_width`",
+            ),
+            (
                 format!(r#"{{{class}, "latent_channels": 0}}"#),
                 "`latent_channels`",
             ),
@@ -853,6 +1101,74 @@ mod tests {
         }
         let e = validate(r#"{"_class_name": "AutoencoderKL"}"#);
         assert!(e.contains("AutoencoderKL") && e.contains(CLASS), "{e}");
+    }
+
+    #[test]
+    fn default_tiles_are_diffusers() {
+        let cfg = CogVideoXVaeConfig::default();
+        let tiling = Tiling::defaults(&cfg);
+        assert_eq!(
+            (tiling.tile_sample_min_height, tiling.tile_sample_min_width),
+            (240, 360)
+        );
+        // tiled_decode's overlap_*, blend_extent_* and row_limit_* for CogVideoX's own config.
+        let (rows, cols) = tiling.axes(cfg.spatial_compression()).unwrap();
+        let axis = |latent, stride, blend, limit| TileAxis {
+            latent,
+            stride,
+            blend,
+            limit,
+        };
+        assert_eq!(rows, axis(30, 25, 40, 200));
+        assert_eq!(cols, axis(45, 36, 72, 288));
+        // 60 x 90 latent px (480 x 720 px): starts 0, 25, 50 and 0, 36, 72.
+        assert_eq!(
+            rows.tiles(60).collect::<Vec<_>>(),
+            [(0, 30), (25, 30), (50, 10)]
+        );
+        assert_eq!(
+            cols.tiles(90).collect::<Vec<_>>(),
+            [(0, 45), (36, 45), (72, 18)]
+        );
+    }
+
+    #[test]
+    fn bad_tiling_errors_name_the_parameter() {
+        let good = Tiling::defaults(&CogVideoXVaeConfig::default());
+        for (tiling, key) in [
+            (
+                Tiling {
+                    tile_overlap_factor_width: 1.0,
+                    ..good
+                },
+                "`tile_overlap_factor_width`",
+            ),
+            (
+                Tiling {
+                    tile_overlap_factor_height: -0.1,
+                    ..good
+                },
+                "`tile_overlap_factor_height`",
+            ),
+            (
+                Tiling {
+                    tile_sample_min_height: 0,
+                    ..good
+                },
+                "`tile_sample_min_height`",
+            ),
+            // One latent px per tile: int(1 * 4/5) = 0, where diffusers' range() would raise.
+            (
+                Tiling {
+                    tile_sample_min_width: 8,
+                    ..good
+                },
+                "`tile_sample_min_width`",
+            ),
+        ] {
+            let e = tiling.axes(8).unwrap_err().to_string();
+            assert!(e.contains(key), "{tiling:?}: {e}");
+        }
     }
 
     #[test]

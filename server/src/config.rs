@@ -56,6 +56,10 @@ pub struct ModelEntry {
     /// T5 token budget for prompts (FluxPipeline's `max_sequence_length`).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// Video models: decode in overlapping tiles (diffusers' `vae.enable_tiling()` defaults), for
+    /// large frames in less memory; pixels near the seams differ slightly from an untiled decode.
+    #[serde(default)]
+    pub vae_tiling: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +142,7 @@ fn default_models() -> Vec<ModelEntry> {
             name: "default".into(),
             path,
             max_sequence_length: None,
+            vae_tiling: false,
         })
         .into_iter()
         .collect()
@@ -254,6 +259,7 @@ fn parse_model_flag(flag: &str) -> Result<ModelEntry, ConfigError> {
             name: name.to_owned(),
             path: PathBuf::from(path),
             max_sequence_length: None,
+            vae_tiling: false,
         }),
         _ => Err(ConfigError::ModelFlag(flag.to_owned())),
     }

@@ -272,3 +272,28 @@ fn first_block_and_mag_cache_match_diffusers() {
 fn taylor_seer_matches_diffusers() {
     check_caches(&["taylor_seer_"]);
 }
+
+#[test]
+fn vae_tiling_is_a_video_option() {
+    let tiled = denoised_server::models::LoadOptions { vae_tiling: true };
+    let dir = data_dir().join("tiny_2b");
+    // Frames within one tile decode exactly as untiled (diffusers tiles only larger latents).
+    let plain = load_pipeline(&dir, Device::Cpu, Kind::Float).unwrap();
+    let with_tiling =
+        denoised_server::models::load_pipeline_with(&dir, Device::Cpu, Kind::Float, tiled).unwrap();
+    let case = cases(false, &["2b_ddim"]).remove(0);
+    let _guard = tch::no_grad_guard();
+    let a = generate(plain.as_ref(), &case, CacheConfig::None);
+    let b = generate(with_tiling.as_ref(), &case, CacheConfig::None);
+    assert_eq!(
+        plain.decode(a.run.generation()),
+        with_tiling.decode(b.run.generation())
+    );
+    // FLUX has no tiled decode: the option is refused naming it.
+    let flux = data_dir().join("../schnell_like");
+    let err = denoised_server::models::load_pipeline_with(&flux, Device::Cpu, Kind::Float, tiled)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("vae_tiling"), "{err}");
+}

@@ -76,6 +76,7 @@ impl TestServer {
                 name: MODEL.into(),
                 path: tiny_model_dir(),
                 max_sequence_length: Some(16),
+                vae_tiling: false,
             }],
             device: "cpu".into(),
             dtype: "float32".into(),

@@ -75,6 +75,7 @@ async fn default_model_draws_the_prompt() {
             name: "default".into(),
             path: model_dir,
             max_sequence_length: None,
+            vae_tiling: false,
         }],
         device: "cpu".into(),
         ..Config::default()

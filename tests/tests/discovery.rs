@@ -67,6 +67,7 @@ async fn a_broken_model_is_refused_or_skipped() {
         name: "broken".into(),
         path: broken.clone(),
         max_sequence_length: None,
+        vae_tiling: false,
     };
 
     let mut config = denoised_server::config::Config {

@@ -17,6 +17,7 @@ async fn server() -> TestServer {
             name: VIDEO_MODEL.into(),
             path: tiny_video_model_dir(),
             max_sequence_length: None,
+            vae_tiling: false,
         });
         c.limits.stream_buffer = 1;
     })

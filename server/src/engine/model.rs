@@ -50,7 +50,10 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(entry: &ModelEntry, device: Device, kind: Kind) -> Result<Self> {
-        let pipeline = models::load_pipeline(&entry.path, device, kind)?;
+        let options = models::LoadOptions {
+            vae_tiling: entry.vae_tiling,
+        };
+        let pipeline = models::load_pipeline_with(&entry.path, device, kind, options)?;
         let defaults = ServingDefaults::load(&entry.path)?;
         let mut card = pipeline.card().clone();
         card.default_width = defaults.width.unwrap_or(card.default_width);

@@ -55,16 +55,42 @@ pub fn check_model_index(dir: &Path, class: &str, components: &[(&str, &[&str])]
     Ok(())
 }
 
+/// How a pipeline is loaded, beyond its folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Decode in overlapping tiles (video models; diffusers' `vae.enable_tiling()`).
+    pub vae_tiling: bool,
+}
+
 /// Loads a diffusers pipeline folder with the family its `model_index.json` names.
 pub fn load_pipeline(dir: &Path, device: Device, kind: Kind) -> Result<Box<dyn AnyPipeline>> {
+    load_pipeline_with(dir, device, kind, LoadOptions::default())
+}
+
+/// [`load_pipeline`] with options; an option the family does not have is a config error.
+pub fn load_pipeline_with(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    options: LoadOptions,
+) -> Result<Box<dyn AnyPipeline>> {
     let index_path = dir.join("model_index.json");
     let index: Value = weights::read_json(&index_path)?;
     match index.get("_class_name").and_then(Value::as_str) {
-        Some(flux::pipeline::PIPELINE_CLASS) => Ok(Box::new(flux::pipeline::FluxPipeline::load(
-            dir, device, kind,
-        )?)),
+        Some(flux::pipeline::PIPELINE_CLASS) => {
+            if options.vae_tiling {
+                return Err(ModelError::config(
+                    &index_path,
+                    "vae_tiling",
+                    "tiled decoding is implemented for video models only",
+                ));
+            }
+            Ok(Box::new(flux::pipeline::FluxPipeline::load(
+                dir, device, kind,
+            )?))
+        }
         Some(cogvideox::pipeline::PIPELINE_CLASS) => Ok(Box::new(
-            cogvideox::pipeline::CogVideoXPipeline::load(dir, device, kind)?,
+            cogvideox::pipeline::CogVideoXPipeline::load(dir, device, kind, options.vae_tiling)?,
         )),
         other => Err(ModelError::UnknownClass {
             path: index_path,

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::scheduler::{CogVideoXScheduler, CogVideoXSchedulerConfig, SchedulerKind};
 use super::transformer::{CogVideoXTransformer, Positions};
-use super::vae::AutoencoderKLCogVideoX;
+use super::vae::{AutoencoderKLCogVideoX, Tiling};
 use crate::dit::hooks::{Branch, CfgRows, ForwardContext, StepStats, TransformerHooks};
 use crate::dit::layout::LatentLayout;
 use crate::dit::pipeline::{
@@ -139,6 +139,8 @@ pub struct CogVideoXPipeline {
     text_encoder: T5EncoderModel,
     transformer: CogVideoXTransformer,
     vae: AutoencoderKLCogVideoX,
+    /// Tiled decoding, when the model is served with it.
+    tiling: Option<Tiling>,
     scheduler: (CogVideoXSchedulerConfig, PathBuf),
     vae_scale_spatial: i64,
     vae_scale_temporal: i64,
@@ -157,8 +159,9 @@ const _: fn() = || {
 };
 
 impl CogVideoXPipeline {
-    /// Loads a diffusers CogVideoX folder, every model on `device` in `kind`.
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+    /// Loads a diffusers CogVideoX folder, every model on `device` in `kind`; `vae_tiling`
+    /// decodes in tiles of diffusers' default size.
+    pub fn load(dir: &Path, device: Device, kind: Kind, vae_tiling: bool) -> Result<Self> {
         check_model_index(dir, PIPELINE_CLASS, &COMPONENTS)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler_config: CogVideoXSchedulerConfig = read_json(&scheduler_path)?;
@@ -185,6 +188,10 @@ impl CogVideoXPipeline {
         let tokenizer = T5Tokenizer::load(&dir.join("tokenizer"))?;
         // diffusers: 2^(levels - 1) spatially, the config's ratio in time.
         let vae_scale_spatial = 1i64 << (vc.block_out_channels.len() - 1);
+        let tiling = vae_tiling.then(|| Tiling::defaults(vc));
+        if let Some(tiling) = &tiling {
+            tiling.check(vae_scale_spatial)?;
+        }
         let vae_scale_temporal = vc.temporal_compression_ratio as i64;
         let card = card(
             &transformer,
@@ -199,6 +206,7 @@ impl CogVideoXPipeline {
             text_encoder,
             transformer,
             vae,
+            tiling,
             scheduler: (scheduler_config, scheduler_path),
             vae_scale_spatial,
             vae_scale_temporal,
@@ -326,7 +334,10 @@ impl CogVideoXPipeline {
         let latents = latents.narrow(1, padding_frames, f - padding_frames);
         // `1 / scaling_factor * latents`, in that order.
         let z = latents.permute([0, 2, 1, 3, 4]) * (1.0 / self.vae.config().scaling_factor);
-        let video = self.vae.decode(&z.to_kind(self.kind)); // [1, 3, F, H, W]
+        let video = self
+            .vae
+            .decode_with(&z.to_kind(self.kind), self.tiling.as_ref())
+            .expect("the tiling was checked at load"); // [1, 3, F, H, W]
         let frames = video.size()[2];
         let mut out: Option<Frames> = None;
         for i in 0..frames {

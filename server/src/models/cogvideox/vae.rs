@@ -233,6 +233,12 @@ impl Tiling {
         }
     }
 
+    /// Fails (naming the parameter) on a tiling diffusers could not run for a VAE of this spatial
+    /// compression.
+    pub fn check(&self, spatial: i64) -> Result<()> {
+        self.axes(spatial).map(|_| ())
+    }
+
     /// diffusers' `tile_latent_min_height` / `_width`: `int(tile_sample_min / 2^(levels - 1))`.
     fn latent_min(&self, spatial: i64) -> (i64, i64) {
         let latent = |sample: i64| (sample as f64 / spatial as f64) as i64;

@@ -1,7 +1,7 @@
 //! End to end: a real server on 127.0.0.1:0, driven through the client crate.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use denoised_client::{
     CacheConfig, CacheKind, Client, Error, Event, GenerateRequest, GenerationStream, Preview,
@@ -54,6 +54,18 @@ async fn wait_idle(session: &denoised_client::Session) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("session still generating after 5 s");
+}
+
+/// How long the session took to stop generating, if it did within `bound`.
+async fn idle_within(session: &denoised_client::Session, bound: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < bound {
+        if !session.info().await.unwrap().generating {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 /// The one-shot form (ephemeral session), run to its final event.
@@ -312,15 +324,30 @@ async fn cancellation_by_rpc_and_by_drop_frees_the_session() {
     wait_idle(&session).await;
     assert!(!session.cancel().await.unwrap(), "nothing left to cancel");
 
-    // By dropping the stream.
-    let mut stream = session.generate(request(200, 2)).await.unwrap();
-    while let Some(event) = stream.next().await {
-        if matches!(event.unwrap(), Event::Step(_)) {
-            break;
+    // By dropping the stream: a generation that would run for seconds (1000 steps at 256x256,
+    // 10-25 ms each on 2 cores) must stop within a step or two, not run to its end.
+    let steps = 1000;
+    let mut stream = session
+        .generate(request(steps, 2).size(256, 256))
+        .await
+        .unwrap();
+    let mut step_times = Vec::new();
+    while step_times.len() < 3 {
+        if let Event::Step(step) = stream.next().await.expect("a step").unwrap() {
+            step_times.push(step.step_time);
         }
     }
     drop(stream);
-    wait_idle(&session).await;
+    // The rest of the run at the pace of its fastest step so far, so that a slower machine gets
+    // a longer bound; a tenth of that is still dozens of steps.
+    let rest = *step_times.iter().min().unwrap() * (steps - 3);
+    let stopped = idle_within(&session, rest / 10).await;
+    assert!(
+        stopped.is_some(),
+        "still generating {:?} after the drop (the rest of the run takes about {rest:?})",
+        rest / 10
+    );
+    println!("dropped stream: stopped in {stopped:?}, the rest would take {rest:?}");
 
     // The session is free again and generates to the end.
     let run = collect(session.generate(request(2, 3)).await.unwrap()).await;

@@ -114,6 +114,27 @@ async fn generate_json_summary_and_tables() {
     assert!(text.starts_with("wrote "), "{text}");
     assert!(text.contains("full-compute steps 4/4"), "{text}");
 
+    // --events: a line per step before the summary.
+    let output = run(
+        &url,
+        &[
+            "generate",
+            "--model",
+            "mock",
+            "--events",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines[..4].iter().enumerate() {
+        assert!(line.starts_with(&format!("step {}/4: ", i + 1)), "{text}");
+    }
+    assert!(lines[4].starts_with("wrote "), "{text}");
+
     let output = run(&url, &["models"]).await;
     assert!(output.status.success(), "{output:?}");
     let table = String::from_utf8(output.stdout).unwrap();

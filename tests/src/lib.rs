@@ -1,6 +1,8 @@
 //! Shared harness for the end-to-end tests: a real server on `127.0.0.1:0` serving a tiny FLUX
 //! model that `make parity-data` builds with diffusers.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 use denoised_server::config::{Config, ModelEntry};
 use denoised_server::server::{self, RunningServer};
@@ -91,4 +93,56 @@ impl TestServer {
     pub async fn stop(self) {
         self.running.shutdown().await.expect("clean shutdown");
     }
+}
+
+/// The `denoised-cli` binary of this checkout, built by cargo if it is missing or stale.
+///
+/// A package's tests only get its own binaries, so this asks cargo for the client's, with the
+/// profile of this test and the features `cargo test --workspace` resolves (by building the
+/// client's `cli` test, which needs the binary): under that command, as in `make test`, there
+/// is nothing left to build.
+pub fn cli_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(build_cli).clone()
+}
+
+fn build_cli() -> PathBuf {
+    // This test runs from target/<profile dir>/deps/.
+    let exe = std::env::current_exe().expect("the test's path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str())
+        .expect("target/<profile>/deps/<test>");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.current_dir(repo_root()).args([
+        "test",
+        "--workspace",
+        "--no-run",
+        "--test",
+        "cli",
+        "--message-format=json",
+    ]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cargo.arg("--release");
+        }
+        other => {
+            cargo.args(["--profile", other]);
+        }
+    }
+    let output = cargo.output().expect("run cargo");
+    assert!(
+        output.status.success(),
+        "building denoised-cli failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "denoised-cli")
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reports the denoised-cli executable")
 }

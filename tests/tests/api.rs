@@ -1,13 +1,14 @@
 //! End to end: a real server on 127.0.0.1:0, driven through the client crate.
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use denoised_client::{
     CacheConfig, CacheKind, Client, Error, Event, GenerateRequest, GenerationStream, Preview,
     StepEvent,
 };
-use denoised_tests::{TestServer, MODEL};
+use denoised_tests::{tiny_model_dir, TestServer, MODEL};
 use futures::StreamExt;
 use tonic::Code;
 
@@ -54,6 +55,18 @@ async fn wait_idle(session: &denoised_client::Session) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("session still generating after 5 s");
+}
+
+/// How long the session took to stop generating, if it did within `bound`.
+async fn idle_within(session: &denoised_client::Session, bound: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < bound {
+        if !session.info().await.unwrap().generating {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 /// The one-shot form (ephemeral session), run to its final event.
@@ -312,15 +325,30 @@ async fn cancellation_by_rpc_and_by_drop_frees_the_session() {
     wait_idle(&session).await;
     assert!(!session.cancel().await.unwrap(), "nothing left to cancel");
 
-    // By dropping the stream.
-    let mut stream = session.generate(request(200, 2)).await.unwrap();
-    while let Some(event) = stream.next().await {
-        if matches!(event.unwrap(), Event::Step(_)) {
-            break;
+    // By dropping the stream: a generation that would run for seconds (1000 steps at 256x256,
+    // 10-25 ms each on 2 cores) must stop within a step or two, not run to its end.
+    let steps = 1000;
+    let mut stream = session
+        .generate(request(steps, 2).size(256, 256))
+        .await
+        .unwrap();
+    let mut step_times = Vec::new();
+    while step_times.len() < 3 {
+        if let Event::Step(step) = stream.next().await.expect("a step").unwrap() {
+            step_times.push(step.step_time);
         }
     }
     drop(stream);
-    wait_idle(&session).await;
+    // The rest of the run at the pace of its fastest step so far, so that a slower machine gets
+    // a longer bound; a tenth of that is still dozens of steps.
+    let rest = *step_times.iter().min().unwrap() * (steps - 3);
+    let stopped = idle_within(&session, rest / 10).await;
+    assert!(
+        stopped.is_some(),
+        "still generating {:?} after the drop (the rest of the run takes about {rest:?})",
+        rest / 10
+    );
+    println!("dropped stream: stopped in {stopped:?}, the rest would take {rest:?}");
 
     // The session is free again and generates to the end.
     let run = collect(session.generate(request(2, 3)).await.unwrap()).await;
@@ -431,4 +459,156 @@ async fn bad_input_gets_clear_statuses_and_the_server_carries_on() {
     let run = collect(session.generate(request(2, 5)).await.unwrap()).await;
     assert!(run.completed.is_some(), "{:?}", run.error);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generation_limit_refuses_with_resource_exhausted() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_active_generations = 1;
+        // The running generation waits for its reader, so it holds the one slot until dropped.
+        c.limits.stream_buffer = 1;
+    })
+    .await;
+    let client = Client::connect(server.url.clone()).await.unwrap();
+    let first = client.create_session(MODEL).await.unwrap();
+    let second = client.create_session(MODEL).await.unwrap();
+    let mut running = first.generate(request(50, 1)).await.unwrap();
+    while !matches!(running.next().await.unwrap().unwrap(), Event::Step(_)) {}
+
+    let err = second.generate(request(2, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.to_string().contains("maximum of 1 generations"),
+        "{err}"
+    );
+    // The one-shot form counts against the same limit, and leaves no session behind.
+    let err = client
+        .generate_once(MODEL, CacheConfig::None, request(2, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(client.list_sessions().await.unwrap().len(), 2);
+    assert!(!second.info().await.unwrap().generating);
+
+    // The slot frees when the running generation ends.
+    drop(running);
+    wait_idle(&first).await;
+    let run = collect(second.generate(request(2, 2)).await.unwrap()).await;
+    assert!(run.completed.is_some(), "{:?}", run.error);
+    server.stop().await;
+}
+
+/// The word whose T5 token [`model_with_a_token_past_the_embeddings`] puts out of range.
+const FAULTY_WORD: &str = "boom";
+
+/// The tiny model (components linked, not copied) with a T5 tokenizer that knows one piece more
+/// than the T5 encoder has embeddings: [`FAULTY_WORD`] tokenizes to id `vocab_size`, so encoding
+/// a prompt with it fails inside libtorch (embedding index out of range) while every other
+/// prompt works as before.
+fn model_with_a_token_past_the_embeddings(dir: &Path) -> PathBuf {
+    let source = tiny_model_dir();
+    let read_json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let vocab_size = read_json(source.join("text_encoder_2/config.json"))["vocab_size"]
+        .as_u64()
+        .unwrap() as usize;
+    let model = dir.join("model");
+    let _ = std::fs::remove_dir_all(&model);
+    std::fs::create_dir_all(model.join("tokenizer_2")).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name != "tokenizer_2" {
+            std::os::unix::fs::symlink(source.join(&name), model.join(&name)).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(source.join("tokenizer_2")).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name != "tokenizer.json" {
+            let target = source.join("tokenizer_2").join(&name);
+            std::os::unix::fs::symlink(target, model.join("tokenizer_2").join(&name)).unwrap();
+        }
+    }
+    let mut tokenizer = read_json(source.join("tokenizer_2/tokenizer.json"));
+    let pieces = tokenizer["model"]["vocab"].as_array_mut().unwrap();
+    assert!(pieces.len() <= vocab_size);
+    // Fillers no prompt contains, then the word as one piece scored above any split of it.
+    while pieces.len() < vocab_size {
+        let filler = format!("<unused_{}>", pieces.len());
+        pieces.push(serde_json::json!([filler, -100.0]));
+    }
+    pieces.push(serde_json::json!([format!("\u{2581}{FAULTY_WORD}"), 0.0]));
+    std::fs::write(
+        model.join("tokenizer_2/tokenizer.json"),
+        serde_json::to_string(&tokenizer).unwrap(),
+    )
+    .unwrap();
+    model
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libtorch_failure_ends_only_its_own_stream() {
+    let dir = std::env::temp_dir().join(format!("denoised-faulty-{}", std::process::id()));
+    let model = model_with_a_token_past_the_embeddings(&dir);
+    let server = TestServer::start_with(|c| {
+        c.models[0].path = model;
+        c.limits.stream_buffer = 1;
+    })
+    .await;
+    let client = Client::connect(server.url.clone()).await.unwrap();
+    let healthy = client.create_session(MODEL).await.unwrap();
+    let failing = client.create_session(MODEL).await.unwrap();
+
+    // A generation is under way on one session when the other one's fails.
+    let mut running = healthy.generate(request(30, 1)).await.unwrap();
+    let mut steps = 0;
+    while steps < 3 {
+        if let Event::Step(_) = running.next().await.unwrap().unwrap() {
+            steps += 1;
+        }
+    }
+    let faulty = GenerateRequest::new(format!("a red {FAULTY_WORD} at the top left"))
+        .size(32, 24)
+        .steps(30);
+    let failed = match failing.generate(faulty).await {
+        Ok(stream) => collect(stream).await.error.expect("the generation fails"),
+        Err(e) => e,
+    };
+    // A status the server sent (a stream that just broke off reads as INTERNAL too).
+    assert!(
+        matches!(
+            failed,
+            Error::Status {
+                code: Code::Internal,
+                ..
+            }
+        ),
+        "{failed}"
+    );
+    assert!(
+        failed.to_string().contains("prompt encoding failed")
+            && failed.to_string().contains("index out of range"),
+        "{failed}"
+    );
+
+    // The other generation runs to its end.
+    let rest = collect(running).await;
+    assert!(rest.error.is_none(), "{:?}", rest.error);
+    assert_eq!(steps + rest.steps.len(), 30);
+    assert!(rest.completed.is_some());
+
+    // The server carries on: the failed session is free and generates, new sessions work.
+    assert!(!failing.info().await.unwrap().generating);
+    let run = collect(failing.generate(request(2, 3)).await.unwrap()).await;
+    assert!(run.completed.is_some(), "{:?}", run.error);
+    let run = collect(
+        client
+            .generate_once(MODEL, CacheConfig::None, request(2, 4))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(run.completed.is_some(), "{:?}", run.error);
+    server.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,15 +1,17 @@
-//! `denoised-cli`: list models and sessions, and run generations with a progress bar.
+//! `denoised-cli`: list models and sessions, manage a session, and run generations with a
+//! progress bar.
 //! A thin shell over `denoised_client`; it only parses arguments and formats output.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use denoised_client::{
     CacheConfig, Client, Completed, Event, GenerateRequest, GenerationStream, ImageFormat,
-    Modality, ModelInfo, Preview, Session, SessionInfo, Started, TraceParent, VideoFormat,
+    Modality, ModelInfo, Preview, Session, SessionInfo, Started, StepEvent, TraceParent,
+    VideoFormat,
 };
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,8 +47,61 @@ enum Command {
     Models,
     /// List the open sessions.
     Sessions,
+    /// Create, show, change, cancel or close one session (from any shell, also while it
+    /// generates).
+    Session(SessionArgs),
     /// Generate an image, or a video with a video model.
     Generate(Box<GenerateArgs>),
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Print a JSON object instead of one line of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: SessionCommand,
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Create a session and print its id (`S=$(denoised-cli session create --model default)`).
+    Create {
+        /// Model the session runs.
+        #[arg(long)]
+        model: String,
+        /// Initial cache strategy, in the syntax of `generate --cache`.
+        #[arg(long, default_value = "none")]
+        cache: CacheConfig,
+        /// Close the session after this many idle seconds (default: the server's).
+        #[arg(long, value_name = "SECONDS")]
+        idle_timeout: Option<u64>,
+        /// A label shown with the session (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show a session.
+    Get { id: String },
+    /// Replace the cache strategy; a running generation switches at its next step.
+    SetCache {
+        id: String,
+        /// The new strategy, in the syntax of `generate --cache`.
+        #[arg(long)]
+        cache: CacheConfig,
+    },
+    /// Drop the cached state; a running generation computes its next step fully.
+    Reset { id: String },
+    /// Stop the session's running generation at its next step.
+    Cancel { id: String },
+    /// Close the session, stopping a running generation and freeing its cache.
+    Close { id: String },
+}
+
+fn parse_label(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {arg:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -120,6 +175,10 @@ struct GenerateArgs {
     /// Print one JSON object with the summary instead of text and a progress bar.
     #[arg(long)]
     json: bool,
+    /// Also print every step as it arrives, one line each (with --json, one JSON object per
+    /// line before the summary's).
+    #[arg(long)]
+    events: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Models => print_models(&client.list_models().await?),
         Command::Sessions => print_sessions(&client.list_sessions().await?),
+        Command::Session(args) => session_command(&client, args).await?,
         Command::Generate(args) => generate(&client, *args).await?,
     }
     Ok(())
@@ -369,8 +429,13 @@ async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} steps  {msg}")
             .expect("valid template"),
     );
+    let events = match (args.events, args.json) {
+        (false, _) => Events::Off,
+        (true, false) => Events::Text,
+        (true, true) => Events::Json,
+    };
     let run = tokio::select! {
-        run = drive(stream, &progress, preview_dir) => run?,
+        run = drive(stream, &progress, preview_dir, events) => run?,
         _ = tokio::signal::ctrl_c() => {
             progress.abandon_with_message("interrupted");
             // An ephemeral session ends with the dropped stream; a named one must be told.
@@ -423,10 +488,19 @@ struct Run {
     previews: u32,
 }
 
+/// How `generate --events` prints the steps.
+#[derive(Clone, Copy)]
+enum Events {
+    Off,
+    Text,
+    Json,
+}
+
 async fn drive(
     mut stream: GenerationStream,
     progress: &ProgressBar,
     preview_dir: Option<&Path>,
+    events: Events,
 ) -> anyhow::Result<Run> {
     let mut started = None;
     let mut previews = 0;
@@ -437,6 +511,7 @@ async fn drive(
                 started = Some(s);
             }
             Event::Step(step) => {
+                print_step(&step, progress, events);
                 progress.set_length(step.total.into());
                 progress.set_position((step.index + 1).into());
                 progress.set_message(step.cache.to_string());
@@ -463,6 +538,41 @@ async fn drive(
         }
     }
     bail!("the generation stream ended without a result")
+}
+
+fn print_step(step: &StepEvent, progress: &ProgressBar, events: Events) {
+    let line = match events {
+        Events::Off => return,
+        Events::Text => format!(
+            "step {}/{}: {} ({:.1} ms)",
+            step.index + 1,
+            step.total,
+            step.cache,
+            step.step_time.as_secs_f64() * 1e3
+        ),
+        Events::Json => {
+            let c = &step.cache;
+            serde_json::json!({
+                "event": "step",
+                "index": step.index,
+                "total": step.total,
+                "timestep": step.timestep,
+                "sigma": step.sigma,
+                "strategy": c.strategy.name(),
+                "full_compute": c.full_compute,
+                "strategy_step": c.strategy_step,
+                "strategy_switched": c.strategy_switched,
+                "cache_reset": c.cache_reset,
+                "blocks_computed": c.blocks.computed,
+                "blocks_total": c.blocks.total(),
+                "cache_state_bytes": c.cache_state_bytes,
+                "step_ms": step.step_time.as_secs_f64() * 1e3,
+            })
+            .to_string()
+        }
+    };
+    // Above the progress bar, when there is one.
+    progress.suspend(|| println!("{line}"));
 }
 
 fn print_summary(run: &Run, model: &ModelInfo, files: &Files, wall: Duration, json: bool) {
@@ -655,6 +765,107 @@ fn print_sessions(sessions: &[SessionInfo]) {
             "LABELS",
         ],
         rows,
+    );
+}
+
+async fn session_command(client: &Client, args: SessionArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    match args.command {
+        SessionCommand::Create {
+            model,
+            cache,
+            idle_timeout,
+            labels,
+        } => {
+            let mut builder = client.create_session(model).cache(cache);
+            if let Some(seconds) = idle_timeout {
+                builder = builder.idle_timeout(Duration::from_secs(seconds));
+            }
+            for (key, value) in labels {
+                builder = builder.label(key, value);
+            }
+            let session = builder.await?;
+            if json {
+                print_session(&session.info().await?, true);
+            } else {
+                println!("{}", session.id());
+            }
+        }
+        SessionCommand::Get { id } => print_session(&client.session(id).info().await?, json),
+        SessionCommand::SetCache { id, cache } => {
+            print_session(&client.session(id).set_cache(cache).await?, json)
+        }
+        SessionCommand::Reset { id } => {
+            print_session(&client.session(id).reset_cache().await?, json)
+        }
+        SessionCommand::Cancel { id } => {
+            let cancelled = client.session(id.as_str()).cancel().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"session_id": id, "cancelled": cancelled})
+                );
+            } else if cancelled {
+                println!("session {id}: generation cancelled");
+            } else {
+                println!("session {id}: no generation running");
+            }
+        }
+        SessionCommand::Close { id } => {
+            let freed = client.session(id.as_str()).close().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"session_id": id, "freed_cache_bytes": freed})
+                );
+            } else {
+                println!(
+                    "session {id}: closed, {} of cache freed",
+                    format_bytes(freed)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One session as one line, or as a JSON object (times in seconds since the Unix epoch).
+fn print_session(s: &SessionInfo, json: bool) {
+    if json {
+        let unix = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64())
+        };
+        let info = serde_json::json!({
+            "session_id": s.id,
+            "model": s.model,
+            "cache": s.cache.to_string(),
+            "cache_state_bytes": s.cache_state_bytes,
+            "generations_run": s.generations_run,
+            "generating": s.generating,
+            "created_at": unix(s.created_at),
+            "last_activity": unix(s.last_activity),
+            "idle_timeout_s": s.idle_timeout.as_secs(),
+            "labels": s.labels,
+        });
+        println!("{info}");
+        return;
+    }
+    let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "session {}: model {}, cache {}, {}, {} runs, cache state {}, idle timeout {}s{}",
+        s.id,
+        s.model,
+        s.cache,
+        if s.generating { "generating" } else { "idle" },
+        s.generations_run,
+        format_bytes(s.cache_state_bytes),
+        s.idle_timeout.as_secs(),
+        if labels.is_empty() {
+            String::new()
+        } else {
+            format!(", labels {}", labels.join(","))
+        }
     );
 }
 

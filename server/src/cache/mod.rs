@@ -284,6 +284,7 @@ mod test_util {
                 blocks,
                 attention,
                 output_projection,
+                ..
             } = stats;
             let (out, computed) = resolve(hooks.before_forward(ctx), forwards, || {
                 let mut io = Tensors(vec![hidden, encoder]);

@@ -259,3 +259,56 @@ fn mag_cache_matches_diffusers() {
 fn switches_and_resets_match_diffusers() {
     check(&["switch_", "reset_"]);
 }
+
+/// MagCache without `num_inference_steps` runs for the generation's step count: on an 8-step
+/// generation the ratios are not resampled (to diffusers' constructor default, 28), so it decides
+/// as with an explicit 8, and the config the generation reports says 8. Mid-generation switches
+/// resolve it the same way.
+#[test]
+fn mag_cache_defaults_to_the_generations_step_count() {
+    let _guard = tch::no_grad_guard();
+    let case = cases(&["mag_tests_flat"]).remove(0);
+    let pipeline = load_pipeline(
+        &data_dir().join(case["model"].as_str().unwrap()),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let pipeline = pipeline.as_ref();
+    let request = GenerationRequest {
+        steps: 8,
+        ..request(&case)
+    };
+    let mag = |steps: Option<u32>| {
+        let mut spec = serde_json::json!({"kind": "mag_cache", "mag_ratios": vec![1.0; 8]});
+        if let Some(n) = steps {
+            spec["num_inference_steps"] = n.into();
+        }
+        cache_config(&spec)
+    };
+    let run = |config: CacheConfig| {
+        let mut run = Denoise::start(pipeline, &request, config).unwrap();
+        let mut blocks = Vec::new();
+        while !run.progress(pipeline).is_done() {
+            blocks.push(run.step(pipeline).unwrap().stats.blocks.computed);
+        }
+        (blocks, run.config().clone())
+    };
+    let (unset, reported) = run(mag(None));
+    assert_eq!(unset, run(mag(Some(8))).0);
+    // The default makes a difference: 28 retains 6 steps, not 2, and skips from the 7th.
+    assert_ne!(unset, run(mag(Some(28))).0);
+    let CacheConfig::MagCache(reported) = reported else {
+        panic!("{reported:?}")
+    };
+    assert_eq!(reported.num_inference_steps, Some(8));
+
+    let mut switched = Denoise::start(pipeline, &request, CacheConfig::None).unwrap();
+    switched
+        .change_cache(CacheChange::Switch(mag(None)))
+        .unwrap();
+    let CacheConfig::MagCache(c) = switched.config() else {
+        panic!("{:?}", switched.config())
+    };
+    assert_eq!(c.num_inference_steps, Some(8));
+}

@@ -63,7 +63,10 @@ impl Totals {
 /// A generation in progress with its cache strategy.
 pub struct Denoise {
     generation: Generation,
+    /// The generation's step count, which some strategy defaults depend on.
+    num_steps: usize,
     strategy: Box<dyn CacheStrategy>,
+    /// As resolved for this generation ([`CacheConfig::for_generation`]).
     config: CacheConfig,
     strategy_step: u32,
     /// A switch / reset took effect since the last step (reported with the next one).
@@ -79,10 +82,13 @@ impl Denoise {
         request: &GenerationRequest,
         config: CacheConfig,
     ) -> ServiceResult<Self> {
-        let strategy = cache::build_strategy(&config)?;
         let generation = guarded("prompt encoding", || pipeline.prepare(request))??;
+        let num_steps = pipeline.progress(&generation).num_steps;
+        let config = config.for_generation(num_steps);
+        let strategy = cache::build_strategy(&config, num_steps)?;
         Ok(Self {
             generation,
+            num_steps,
             strategy,
             config,
             strategy_step: 0,
@@ -92,7 +98,7 @@ impl Denoise {
         })
     }
 
-    /// The strategy configuration in effect.
+    /// The strategy configuration in effect, resolved for this generation.
     pub fn config(&self) -> &CacheConfig {
         &self.config
     }
@@ -118,12 +124,13 @@ impl Denoise {
     pub fn change_cache(&mut self, change: CacheChange) -> ServiceResult<()> {
         match change {
             CacheChange::Switch(config) => {
-                self.strategy = cache::build_strategy(&config)?;
+                let config = config.for_generation(self.num_steps);
+                self.strategy = cache::build_strategy(&config, self.num_steps)?;
                 self.config = config;
                 self.switched = true;
             }
             CacheChange::Reset => {
-                self.strategy = cache::build_strategy(&self.config)?;
+                self.strategy = cache::build_strategy(&self.config, self.num_steps)?;
                 self.reset = true;
             }
         }

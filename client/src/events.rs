@@ -232,7 +232,8 @@ pub struct Completed {
     pub steps: u32,
     /// Steps in which every block ran in full.
     pub full_compute_steps: u32,
-    /// Fraction of block executions served from the cache.
+    /// Cost-weighted fraction of module executions the cache did not run
+    /// (`estimated_flops_saved / estimated_flops_total`).
     pub cache_hit_ratio: f32,
     /// Transformer FLOPs not spent thanks to the cache (estimate).
     pub estimated_flops_saved: f64,

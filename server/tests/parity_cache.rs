@@ -5,6 +5,8 @@
 //! calibration). Where the server's documented semantics differ from diffusers (per-branch
 //! PAB / FasterCache state under true CFG, FasterCache's unconditional reuse with sequential CFG),
 //! the reference is diffusers' code arranged to follow ours; the manifest's `reference` names it.
+//! Every case also checks the accounting: the hit ratio is the saved share of the estimated FLOPs,
+//! above 0 whenever the cache left a module unrun, and 0 without a cache.
 //!
 //! Data: `$DENOISED_PARITY_DATA/cache` or `<repo>/tests/parity/data/cache`; generate it with
 //! `make parity-data`. Missing data fails the tests. Run with `--nocapture` to see, per case, the
@@ -21,7 +23,7 @@ use common::max_abs_diff;
 use denoised_server::cache::CacheConfig;
 use denoised_server::dit::pipeline::AnyPipeline;
 use denoised_server::dit::request::GenerationRequest;
-use denoised_server::engine::run::{CacheChange, Denoise};
+use denoised_server::engine::run::{CacheChange, Denoise, Totals};
 use denoised_server::models::load_pipeline;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -90,6 +92,9 @@ struct Run {
     latents: Tensor,
     /// Per step: computed blocks and attention modules, over the step's CFG forwards.
     decisions: Vec<[u32; 2]>,
+    /// Forwards, blocks and attention modules that did not run, over all steps.
+    not_run: u32,
+    totals: Totals,
     calibrated: Option<Vec<f32>>,
 }
 
@@ -114,21 +119,22 @@ fn generate(pipeline: &dyn AnyPipeline, case: &Value, cached: bool) -> Run {
         }
     }
     let mut run = Denoise::start(pipeline, &request(case), initial).unwrap();
-    let mut decisions = Vec::new();
+    let (mut decisions, mut not_run) = (Vec::new(), 0);
     while !run.progress(pipeline).is_done() {
         let step = run.progress(pipeline).step_index;
         if let Some((_, change)) = changes.iter().find(|(at, _)| *at == step) {
             run.change_cache(change.clone()).unwrap();
         }
         let report = run.step(pipeline).unwrap();
-        decisions.push([
-            report.stats.blocks.computed,
-            report.stats.attention.computed,
-        ]);
+        let s = &report.stats;
+        decisions.push([s.blocks.computed, s.attention.computed]);
+        not_run += s.forwards.not_computed() + s.blocks.not_computed() + s.attention.not_computed();
     }
     Run {
         latents: pipeline.latents(run.generation()),
         decisions,
+        not_run,
+        totals: *run.totals(),
         calibrated: run.strategy().calibrated_mag_ratios(),
     }
 }
@@ -182,8 +188,46 @@ fn check(prefixes: &[&str]) {
             run.calibrated.as_deref(),
             change,
         ));
+        failures.extend(accounting_failures(name, &run, &uncached));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The hit ratio is the saved share of the estimated FLOPs: above 0 whenever the cache left a
+/// module unrun (also when it only reused or predicted attention), 0 without a cache.
+fn accounting_failures(name: &str, run: &Run, uncached: &Run) -> Vec<String> {
+    let (t, u) = (&run.totals, &uncached.totals);
+    let ratio = t.cache_hit_ratio();
+    println!(
+        "{name}: cache hit ratio {ratio:.4} (FLOPs saved {:.4e} of {:.4e}; {} modules not run)",
+        t.flops_saved, t.flops_total, run.not_run
+    );
+    let mut failures = Vec::new();
+    if ratio != (t.flops_saved / t.flops_total) as f32 {
+        failures.push(format!(
+            "{name}: hit ratio {ratio} is not FLOPs saved / total"
+        ));
+    }
+    if (run.not_run > 0) != (ratio > 0.0) {
+        failures.push(format!(
+            "{name}: hit ratio {ratio} with {} modules not run",
+            run.not_run
+        ));
+    }
+    if (u.cache_hit_ratio(), u.flops_saved, uncached.not_run) != (0.0, 0.0, 0) {
+        failures.push(format!(
+            "{name}: without a cache, hit ratio {} and {:e} FLOPs saved",
+            u.cache_hit_ratio(),
+            u.flops_saved
+        ));
+    }
+    if u.flops_total != t.flops_total {
+        failures.push(format!(
+            "{name}: FLOPs in total {:e} with the cache, {:e} without",
+            t.flops_total, u.flops_total
+        ));
+    }
+    failures
 }
 
 #[test]
@@ -214,4 +258,57 @@ fn mag_cache_matches_diffusers() {
 #[test]
 fn switches_and_resets_match_diffusers() {
     check(&["switch_", "reset_"]);
+}
+
+/// MagCache without `num_inference_steps` runs for the generation's step count: on an 8-step
+/// generation the ratios are not resampled (to diffusers' constructor default, 28), so it decides
+/// as with an explicit 8, and the config the generation reports says 8. Mid-generation switches
+/// resolve it the same way.
+#[test]
+fn mag_cache_defaults_to_the_generations_step_count() {
+    let _guard = tch::no_grad_guard();
+    let case = cases(&["mag_tests_flat"]).remove(0);
+    let pipeline = load_pipeline(
+        &data_dir().join(case["model"].as_str().unwrap()),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let pipeline = pipeline.as_ref();
+    let request = GenerationRequest {
+        steps: 8,
+        ..request(&case)
+    };
+    let mag = |steps: Option<u32>| {
+        let mut spec = serde_json::json!({"kind": "mag_cache", "mag_ratios": vec![1.0; 8]});
+        if let Some(n) = steps {
+            spec["num_inference_steps"] = n.into();
+        }
+        cache_config(&spec)
+    };
+    let run = |config: CacheConfig| {
+        let mut run = Denoise::start(pipeline, &request, config).unwrap();
+        let mut blocks = Vec::new();
+        while !run.progress(pipeline).is_done() {
+            blocks.push(run.step(pipeline).unwrap().stats.blocks.computed);
+        }
+        (blocks, run.config().clone())
+    };
+    let (unset, reported) = run(mag(None));
+    assert_eq!(unset, run(mag(Some(8))).0);
+    // The default makes a difference: 28 retains 6 steps, not 2, and skips from the 7th.
+    assert_ne!(unset, run(mag(Some(28))).0);
+    let CacheConfig::MagCache(reported) = reported else {
+        panic!("{reported:?}")
+    };
+    assert_eq!(reported.num_inference_steps, Some(8));
+
+    let mut switched = Denoise::start(pipeline, &request, CacheConfig::None).unwrap();
+    switched
+        .change_cache(CacheChange::Switch(mag(None)))
+        .unwrap();
+    let CacheConfig::MagCache(c) = switched.config() else {
+        panic!("{:?}", switched.config())
+    };
+    assert_eq!(c.num_inference_steps, Some(8));
 }

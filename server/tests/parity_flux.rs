@@ -19,9 +19,12 @@ use denoised_server::dit::hooks::{
 use denoised_server::dit::pipeline::{AnyPipeline, Pipeline};
 use denoised_server::dit::request::{GenerationRequest, PreviewKind};
 use denoised_server::engine::run::Denoise;
+use denoised_server::models::flux::config::FluxTransformerConfig;
 use denoised_server::models::flux::packing::FluxLayout;
 use denoised_server::models::flux::pipeline::FluxPipeline;
-use denoised_server::models::flux::transformer::{BlockKind, FluxTransformer};
+use denoised_server::models::flux::transformer::{
+    attention_macs, block_macs, BlockKind, FluxTransformer,
+};
 use denoised_server::models::scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -335,6 +338,10 @@ struct Recorder {
     forward_output: Option<Tensor>,
     /// Skip every block (pass its input through).
     skip_blocks: bool,
+    /// Every attention output computed, by module path.
+    attention: HashMap<String, Tensors>,
+    /// Reuse those instead of computing attention.
+    reuse_attention: bool,
 }
 
 impl TransformerHooks for Recorder {
@@ -366,13 +373,19 @@ impl TransformerHooks for Recorder {
             "before_attention {} {:?} {}",
             id.path, id.role, id.index
         ));
-        Decision::Compute
+        if self.reuse_attention {
+            Decision::Reuse(self.attention[&id.path].shallow_clone())
+        } else {
+            Decision::Compute
+        }
     }
     fn after_attention(&mut self, id: &AttentionId, output: &Tensors) {
         // Joint attention returns image and text parts; single-stream attention one tensor.
         let joint = id.path.starts_with("transformer_blocks.");
         assert_eq!(output.len(), if joint { 2 } else { 1 }, "{}", id.path);
         self.calls.push(format!("after_attention {}", id.path));
+        self.attention
+            .insert(id.path.clone(), output.shallow_clone());
     }
     fn before_output_projection(&mut self) -> Decision<Tensor> {
         self.calls.push("before_output_projection".into());
@@ -397,10 +410,11 @@ fn hooks_see_every_module_in_order() {
     let dual = transformer.config().num_layers;
 
     // Full compute: forward, then each block with its attention inside, then the projection.
-    let mut rec = Recorder::default();
+    let mut full = Recorder::default();
     let mut stats = StepStats::default();
-    let out = forward_reference(&transformer, &reference, &mut rec, &mut stats);
-    assert_eq!(out.size(), get(&reference, "output").size());
+    let full_out = forward_reference(&transformer, &reference, &mut full, &mut stats);
+    assert_eq!(full_out.size(), get(&reference, "output").size());
+    assert_eq!(stats.macs_not_run, 0.0);
     let mut expected = vec!["before_forward Cond".to_owned()];
     for i in 0..n {
         let block = if i < dual {
@@ -421,7 +435,7 @@ fn hooks_see_every_module_in_order() {
         ]
         .map(String::from),
     );
-    assert_eq!(rec.calls, expected);
+    assert_eq!(full.calls, expected);
     assert_eq!(
         (
             stats.forwards.computed,
@@ -449,6 +463,32 @@ fn hooks_see_every_module_in_order() {
         (n as u32, 0)
     );
     assert!(!stats.full_compute());
+    // Each skipped block is costed by its kind at the forward's shapes.
+    let c = transformer.config();
+    let hidden = get(&reference, "hidden_states").size();
+    let (batch, l_img) = (hidden[0] as f64, hidden[1]);
+    let l_txt = get(&reference, "encoder_hidden_states").size()[1];
+    let per_kind = |cost: fn(&FluxTransformerConfig, BlockKind, i64, i64) -> f64| {
+        batch
+            * (dual as f64 * cost(c, BlockKind::Dual, l_img, l_txt)
+                + (n - dual) as f64 * cost(c, BlockKind::Single, l_img, l_txt))
+    };
+    assert_eq!(stats.macs_not_run, per_kind(block_macs));
+
+    // Reused attention is costed by its block's kind (single blocks have no output projection).
+    let mut rec = Recorder {
+        reuse_attention: true,
+        attention: std::mem::take(&mut full.attention),
+        ..Recorder::default()
+    };
+    let mut stats = StepStats::default();
+    let reused = forward_reference(&transformer, &reference, &mut rec, &mut stats);
+    assert_eq!(max_abs_diff(&reused, &full_out), 0.0);
+    assert_eq!(
+        (stats.blocks.computed, stats.attention.reused),
+        (n as u32, n as u32)
+    );
+    assert_eq!(stats.macs_not_run, per_kind(attention_macs));
 
     // A reused forward returns the supplied tensor and runs nothing.
     let canned = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
@@ -463,9 +503,10 @@ fn hooks_see_every_module_in_order() {
     assert_eq!((stats.forwards.reused, stats.blocks.total()), (1, 0));
 
     // Per-block compute estimate: grows with the token count, quadratically through attention.
-    let small = transformer.block_flops(BlockKind::Dual, 16, 8);
-    let large = transformer.block_flops(BlockKind::Dual, 64, 8);
-    assert!(large > 2.5 * small && transformer.block_flops(BlockKind::Single, 16, 8) > 0.0);
+    let c = transformer.config();
+    let small = block_macs(c, BlockKind::Dual, 16, 8);
+    let large = block_macs(c, BlockKind::Dual, 64, 8);
+    assert!(large > 2.5 * small && block_macs(c, BlockKind::Single, 16, 8) > 0.0);
 }
 
 #[test]

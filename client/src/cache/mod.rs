@@ -181,7 +181,7 @@ pub struct MagCacheConfig {
     pub max_skip_steps: Option<u32>,
     /// Fraction of initial steps that always compute.
     pub retention_ratio: Option<f32>,
-    /// Step count the ratios were calibrated for.
+    /// Step count the ratios are resampled to (unset: the generation's).
     pub num_inference_steps: Option<u32>,
     /// Per-step magnitude ratios (resampled to the step count). Required unless `calibrate`.
     pub mag_ratios: Vec<f32>,

@@ -1,6 +1,7 @@
-//! Cache configurations, fully resolved (every diffusers 0.42.1 default filled in). The API layer
-//! builds and validates them from the wire (`api/convert/cache.rs`) and reports them back as
-//! they are, so clients see the effective values.
+//! Cache configurations, fully resolved (every diffusers 0.42.1 default filled in) except what
+//! depends on the generation (MagCache's `num_inference_steps`), which each generation resolves
+//! ([`CacheConfig::for_generation`]). The API layer builds and validates them from the wire
+//! (`api/convert/cache.rs`) and reports them back as they are, so clients see the effective values.
 
 /// A timestep window `(min, max)` on the 0..1000 scale; membership is strict on both sides.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,9 +102,19 @@ pub struct MagCacheConfig {
     pub threshold: f32,
     pub max_skip_steps: u32,
     pub retention_ratio: f32,
-    pub num_inference_steps: u32,
+    /// The step count `mag_ratios` are resampled to and after which the state resets. Unset:
+    /// the step count of the generation the strategy runs in (diffusers' constructor defaults to
+    /// 28 whatever the generation); resolved per generation by [`CacheConfig::for_generation`].
+    pub num_inference_steps: Option<u32>,
     pub mag_ratios: Vec<f32>,
     pub calibrate: bool,
+}
+
+impl MagCacheConfig {
+    /// `num_inference_steps` in a generation of `num_steps` steps.
+    pub fn inference_steps(&self, num_steps: usize) -> usize {
+        self.num_inference_steps.map_or(num_steps, |n| n as usize)
+    }
 }
 
 /// A validated cache strategy with every default resolved.
@@ -154,6 +165,15 @@ impl CacheKind {
 }
 
 impl CacheConfig {
+    /// This config as a generation of `num_steps` steps runs it (and reports it): the defaults
+    /// that depend on the generation filled in.
+    pub fn for_generation(mut self, num_steps: usize) -> Self {
+        if let Self::MagCache(c) = &mut self {
+            c.num_inference_steps = Some(c.inference_steps(num_steps) as u32);
+        }
+        self
+    }
+
     pub fn kind(&self) -> CacheKind {
         match self {
             Self::None => CacheKind::None,

@@ -1,7 +1,8 @@
 //! MagCache (arXiv 2506.09045), as diffusers 0.42.1 implements it.
 //!
 //! The magnitude ratio between consecutive steps' residuals follows a model-specific curve
-//! (`mag_ratios`, resampled nearest-neighbour to `num_inference_steps`). Before the first block
+//! (`mag_ratios`, resampled nearest-neighbour to `num_inference_steps`, by default the
+//! generation's step count). Before the first block
 //! of forward `s` (counted per CFG branch from the strategy's first step), once past the
 //! retention window `s >= round_half_up(retention_ratio * num_inference_steps)`, the head
 //! multiplies the accumulated ratio by `mag_ratios[s]` and adds `|1 - ratio|` to the accumulated
@@ -92,9 +93,9 @@ fn nearest_interp(ratios: &[f32], target: usize) -> Vec<f32> {
 }
 
 impl MagCache {
-    /// A strategy with empty state.
-    pub fn new(config: MagCacheConfig) -> Self {
-        let n = config.num_inference_steps as usize;
+    /// A strategy with empty state for a generation of `num_steps` steps.
+    pub fn new(config: MagCacheConfig, num_steps: usize) -> Self {
+        let n = config.inference_steps(num_steps);
         // Python's `int(retention_ratio * num_inference_steps + 0.5)` on the ratio as typed.
         let retention_steps = (as_typed(config.retention_ratio) * n as f64 + 0.5) as usize;
         Self {
@@ -250,14 +251,14 @@ mod tests {
             threshold,
             max_skip_steps: 3,
             retention_ratio: 0.2,
-            num_inference_steps: steps,
+            num_inference_steps: Some(steps),
             mag_ratios: ratios.to_vec(),
             calibrate: false,
         }
     }
 
     fn schedule(c: MagCacheConfig, steps: usize) -> String {
-        let mut mc = MagCache::new(c);
+        let mut mc = MagCache::new(c, steps);
         let toy = Toy { dual: 1, single: 2 };
         toy.run(&mut mc, &vec![500.0; steps], &[Branch::Cond])[0].replace('S', "s")
     }
@@ -323,7 +324,7 @@ mod tests {
     fn skipped_forwards_add_the_last_residual_and_state_resets_itself() {
         let mut c = config(100.0, 3, &[1.0, 1.0, 1.0]);
         c.retention_ratio = 0.0;
-        let mut mc = MagCache::new(c.clone());
+        let mut mc = MagCache::new(c.clone(), 3);
         assert_eq!(doubling_forward(&mut mc, 0, 10.0), 40.0);
         assert_eq!(mc.state_bytes(), 4);
         // Skipped: 11 + (40 - 10), where computing would give 44.
@@ -333,7 +334,7 @@ mod tests {
         assert_eq!(doubling_forward(&mut mc, 3, 2.0), 8.0);
         // Retention covering every step: always computes.
         c.retention_ratio = 1.0;
-        let mut mc = MagCache::new(c);
+        let mut mc = MagCache::new(c, 3);
         doubling_forward(&mut mc, 0, 10.0);
         assert_eq!(doubling_forward(&mut mc, 1, 11.0), 44.0);
     }
@@ -345,7 +346,7 @@ mod tests {
             mag_ratios: Vec::new(),
             ..config(100.0, 3, &[])
         };
-        let mut mc = MagCache::new(c);
+        let mut mc = MagCache::new(c, 3);
         assert_eq!(mc.calibrated_mag_ratios(), None);
         assert_eq!(doubling_forward(&mut mc, 0, 10.0), 40.0);
         assert_eq!(mc.calibrated_mag_ratios(), Some(vec![1.0]));
@@ -359,20 +360,20 @@ mod tests {
         assert_eq!(mc.calibrated_mag_ratios(), Some(expected));
         // Not calibrating: nothing to report.
         assert_eq!(
-            MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS)).calibrated_mag_ratios(),
+            MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS), 28).calibrated_mag_ratios(),
             None
         );
     }
 
     #[test]
     fn branches_keep_separate_curves() {
-        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS));
+        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS), 28);
         let toy = Toy { dual: 1, single: 1 };
         let letters = toy.run(&mut mc, &vec![500.0; 28], &[Branch::Cond, Branch::Uncond]);
         assert_eq!(letters[0], "CCCCCCSCSCSSSCSSSCSSSCSSCSCC");
         assert_eq!(letters[1], letters[0]);
         // One residual per branch: [1, 64, 8] float32 each.
-        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS));
+        let mut mc = MagCache::new(config(0.06, 28, &FLUX_MAG_RATIOS), 28);
         toy.run(&mut mc, &[500.0], &[Branch::Cond, Branch::Uncond]);
         assert_eq!(mc.state_bytes(), 2 * 64 * 8 * 4);
         assert_eq!(

@@ -60,8 +60,11 @@ impl CacheStrategy for NoCache {
     }
 }
 
-/// A fresh strategy (empty state) for one generation.
-pub fn build_strategy(config: &CacheConfig) -> ServiceResult<Box<dyn CacheStrategy>> {
+/// A fresh strategy (empty state) for one generation of `num_steps` steps.
+pub fn build_strategy(
+    config: &CacheConfig,
+    num_steps: usize,
+) -> ServiceResult<Box<dyn CacheStrategy>> {
     Ok(match config {
         CacheConfig::None => Box::new(NoCache),
         CacheConfig::PyramidAttentionBroadcast(c) => {
@@ -70,7 +73,7 @@ pub fn build_strategy(config: &CacheConfig) -> ServiceResult<Box<dyn CacheStrate
         CacheConfig::FasterCache(c) => Box::new(FasterCache::new(c.clone())),
         CacheConfig::TaylorSeer(c) => Box::new(TaylorSeer::new(c.clone())?),
         CacheConfig::FirstBlockCache(c) => Box::new(FirstBlockCache::new(c.clone())),
-        CacheConfig::MagCache(c) => Box::new(MagCache::new(c.clone())),
+        CacheConfig::MagCache(c) => Box::new(MagCache::new(c.clone(), num_steps)),
     })
 }
 
@@ -284,6 +287,7 @@ mod test_util {
                 blocks,
                 attention,
                 output_projection,
+                ..
             } = stats;
             let (out, computed) = resolve(hooks.before_forward(ctx), forwards, || {
                 let mut io = Tensors(vec![hidden, encoder]);

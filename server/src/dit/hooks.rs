@@ -257,12 +257,17 @@ impl ModuleCounts {
 
 /// What the cache did during one denoising step (all CFG branches together). The transformer
 /// records every decision it receives here.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct StepStats {
     pub forwards: ModuleCounts,
     pub blocks: ModuleCounts,
     pub attention: ModuleCounts,
     pub output_projection: ModuleCounts,
+    /// Estimated multiply-adds of the blocks and attention modules that did not run inside the
+    /// forwards that did. The transformer adds each one's cost as it resolves it, because only
+    /// it knows the module's kind and the shapes it was called with; forwards that did not run
+    /// at all are costed by the pipeline from `forwards`.
+    pub macs_not_run: f64,
 }
 
 impl StepStats {

@@ -43,19 +43,19 @@ pub struct StepReport {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Totals {
     pub full_compute_steps: u32,
-    pub blocks: u32,
-    pub blocks_computed: u32,
     pub flops_total: f64,
     pub flops_saved: f64,
 }
 
 impl Totals {
-    /// Fraction of blocks not computed.
+    /// The cost-weighted fraction of module executions the cache did not run: estimated FLOPs
+    /// saved over estimated FLOPs in total. Weighting by cost lets attention-level strategies
+    /// (PAB, FasterCache, TaylorSeer), which run every block, count too.
     pub fn cache_hit_ratio(&self) -> f32 {
-        if self.blocks == 0 {
-            0.0
+        if self.flops_total > 0.0 {
+            (self.flops_saved / self.flops_total) as f32
         } else {
-            (self.blocks - self.blocks_computed) as f32 / self.blocks as f32
+            0.0
         }
     }
 }
@@ -63,7 +63,10 @@ impl Totals {
 /// A generation in progress with its cache strategy.
 pub struct Denoise {
     generation: Generation,
+    /// The generation's step count, which some strategy defaults depend on.
+    num_steps: usize,
     strategy: Box<dyn CacheStrategy>,
+    /// As resolved for this generation ([`CacheConfig::for_generation`]).
     config: CacheConfig,
     strategy_step: u32,
     /// A switch / reset took effect since the last step (reported with the next one).
@@ -79,10 +82,13 @@ impl Denoise {
         request: &GenerationRequest,
         config: CacheConfig,
     ) -> ServiceResult<Self> {
-        let strategy = cache::build_strategy(&config)?;
         let generation = guarded("prompt encoding", || pipeline.prepare(request))??;
+        let num_steps = pipeline.progress(&generation).num_steps;
+        let config = config.for_generation(num_steps);
+        let strategy = cache::build_strategy(&config, num_steps)?;
         Ok(Self {
             generation,
+            num_steps,
             strategy,
             config,
             strategy_step: 0,
@@ -92,7 +98,7 @@ impl Denoise {
         })
     }
 
-    /// The strategy configuration in effect.
+    /// The strategy configuration in effect, resolved for this generation.
     pub fn config(&self) -> &CacheConfig {
         &self.config
     }
@@ -118,12 +124,13 @@ impl Denoise {
     pub fn change_cache(&mut self, change: CacheChange) -> ServiceResult<()> {
         match change {
             CacheChange::Switch(config) => {
-                self.strategy = cache::build_strategy(&config)?;
+                let config = config.for_generation(self.num_steps);
+                self.strategy = cache::build_strategy(&config, self.num_steps)?;
                 self.config = config;
                 self.switched = true;
             }
             CacheChange::Reset => {
-                self.strategy = cache::build_strategy(&self.config)?;
+                self.strategy = cache::build_strategy(&self.config, self.num_steps)?;
                 self.reset = true;
             }
         }
@@ -146,8 +153,6 @@ impl Denoise {
         let t = &mut self.totals;
         t.flops_total += cost.total;
         t.flops_saved += cost.saved;
-        t.blocks += stats.blocks.total();
-        t.blocks_computed += stats.blocks.computed;
         if stats.full_compute() {
             t.full_compute_steps += 1;
         }
@@ -180,4 +185,20 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> ServiceResult<T> {
             ServiceError::Internal(format!("{what} failed: {message}"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_ratio_is_the_saved_share_of_the_estimated_flops() {
+        assert_eq!(Totals::default().cache_hit_ratio(), 0.0);
+        let t = Totals {
+            full_compute_steps: 8,
+            flops_total: 4.0e9,
+            flops_saved: 1.0e9,
+        };
+        assert_eq!(t.cache_hit_ratio(), 0.25);
+    }
 }

@@ -212,8 +212,10 @@ pub fn cache_config(config: Option<&pb::CacheConfig>, field: &str) -> ServiceRes
                     "must be between 0 and 1",
                 ));
             }
-            let num_inference_steps = p.num_inference_steps.unwrap_or(28);
-            if num_inference_steps == 0 {
+            // Unset: the generation's step count, resolved when a generation starts (diffusers'
+            // constructor default, 28, would resample the ratios for any other step count).
+            let num_inference_steps = p.num_inference_steps;
+            if num_inference_steps == Some(0) {
                 return Err(ServiceError::invalid(
                     f("num_inference_steps"),
                     "must be at least 1",
@@ -314,7 +316,7 @@ pub fn cache_config_to_wire(config: &CacheConfig) -> pb::CacheConfig {
             threshold: Some(c.threshold),
             max_skip_steps: Some(c.max_skip_steps),
             retention_ratio: Some(c.retention_ratio),
-            num_inference_steps: Some(c.num_inference_steps),
+            num_inference_steps: c.num_inference_steps,
             mag_ratios: c.mag_ratios.clone(),
             calibrate: c.calibrate,
         }),
@@ -484,7 +486,7 @@ mod strategy_tests {
             .unwrap(),
         );
         for config in &configs {
-            let strategy = build_strategy(config).unwrap();
+            let strategy = build_strategy(config, 8).unwrap();
             assert_eq!(strategy.kind(), config.kind());
             assert_eq!(strategy.state_bytes(), 0);
             assert_eq!(

@@ -523,19 +523,12 @@ impl Pipeline for CogVideoXPipeline {
     }
 
     fn step_cost(&self, gen: &CogVideoXGeneration, stats: &StepStats) -> StepCost {
-        // The batched forward ran the CFG halves that were computed (one when the unconditional
-        // half was rebuilt).
-        let rows = if gen.cfg {
-            i64::from(stats.forwards.computed).max(1)
-        } else {
-            1
-        };
         let text = gen.prompt_embeds.size()[1];
         let (_, f, _, h, w) = gen.latents.size5().expect("latents are [B, F, C, h, w]");
         let p = self.transformer.config().patch_size;
         let pt = self.transformer.config().patch_size_t.unwrap_or(1);
         let video = (f / pt) * (h / p) * (w / p);
-        let (total, saved) = self.transformer.step_flops(rows, text + video, stats);
+        let (total, saved) = self.transformer.step_flops(text + video, stats);
         StepCost { total, saved }
     }
 }

@@ -295,37 +295,17 @@ impl CogVideoXTransformer {
         self.blocks.len()
     }
 
-    /// Multiply-adds of one block for one sample of `tokens` tokens: the q/k/v/out projections
-    /// (4·D² per token), the 4× feed-forward (8·D² per token), the two expert modulations (once
-    /// per sample) and the attention matmuls `QKᵀ`, `AV` (2·L²·D). An estimate for reporting what
-    /// a cache saved, not for timing.
-    pub fn block_flops(&self, tokens: i64) -> f64 {
-        let d = self.config.inner_dim() as f64;
-        let l = tokens as f64;
-        let modulation = 2.0 * self.config.time_embed_dim as f64 * 6.0 * d;
-        l * 12.0 * d * d + 2.0 * l * l * d + modulation
-    }
-
-    /// Multiply-adds of one `attn1` for one sample: projections and the attention matmuls.
-    pub fn attention_flops(&self, tokens: i64) -> f64 {
-        let d = self.config.inner_dim() as f64;
-        let l = tokens as f64;
-        4.0 * l * d * d + 2.0 * l * l * d
-    }
-
     /// Estimated FLOPs (2 per multiply-add) of one step of samples of `tokens` tokens, and the
-    /// part the cache saved. `stats.forwards` counts one forward per sample (CFG half); the module
-    /// calls of the step ran on `rows` samples at once. Skipped forwards save every block, skipped
-    /// blocks their own cost, reused or predicted attention the attention module's cost.
-    pub fn step_flops(&self, rows: i64, tokens: i64, stats: &StepStats) -> (f64, f64) {
-        let block = 2.0 * self.block_flops(tokens);
-        let attention = 2.0 * self.attention_flops(tokens);
-        let per_forward = self.num_blocks() as f64 * block;
-        let rows = rows as f64;
-        let total = stats.forwards.total() as f64 * per_forward;
-        let saved = stats.forwards.not_computed() as f64 * per_forward
-            + stats.blocks.not_computed() as f64 * rows * block
-            + stats.attention.not_computed() as f64 * rows * attention;
+    /// part the cache saved. `stats.forwards` counts one forward per sample (CFG half, also when
+    /// both halves ran in one batched call): each costs the whole block stack, one that did not
+    /// run (e.g. a rebuilt unconditional half) saves all of it, and inside the forwards that ran,
+    /// each block or attention module that did not run saves what [`compute`](Self::compute)
+    /// costed it at ([`StepStats::macs_not_run`]).
+    pub fn step_flops(&self, tokens: i64, stats: &StepStats) -> (f64, f64) {
+        let per_forward = self.num_blocks() as f64 * block_macs(&self.config, tokens);
+        let total = 2.0 * f64::from(stats.forwards.total()) * per_forward;
+        let saved =
+            2.0 * (f64::from(stats.forwards.not_computed()) * per_forward + stats.macs_not_run);
         (total, saved.min(total))
     }
 
@@ -428,12 +408,23 @@ impl CogVideoXTransformer {
         let n = tokens.size()[1] - l_txt;
         let mut io = Tensors(vec![tokens.narrow(1, l_txt, n), tokens.narrow(1, 0, l_txt)]);
 
+        // What a block and its attention cost on this forward's `b` samples (both CFG halves of
+        // a batched forward, or the conditional one alone).
+        let block_cost = b as f64 * block_macs(&self.config, l_txt + n);
+        let attention_cost = b as f64 * attention_macs(&self.config, l_txt + n);
         for (ids, block) in self.ids.iter().zip(&self.blocks) {
+            let attention_before = stats.attention;
             let decision = hooks.before_block(&ids.block, &io);
             let attention = &mut stats.attention;
             let (out, computed) = resolve(decision, &mut stats.blocks, || {
                 block.forward(&ids.attention, &io, &temb, rope, hooks, attention)
             });
+            stats.macs_not_run += if computed {
+                let not_run = stats.attention.since(&attention_before).not_computed();
+                f64::from(not_run) * attention_cost
+            } else {
+                block_cost
+            };
             if computed {
                 hooks.after_block(&ids.block, &io, &out);
             }
@@ -471,5 +462,44 @@ impl CogVideoXTransformer {
                 .flatten(4, 5)
                 .flatten(1, 2),
         }
+    }
+}
+
+/// Multiply-adds of one `attn1` for one sample of `tokens` text + video tokens, as [`Attention`]
+/// runs it: `to_q`, `to_k`, `to_v` and `to_out.0` on every token (D → D each), and `QKᵀ` and `AV`
+/// over the whole sequence. Norms, RoPE and softmax are elementwise, left out.
+pub fn attention_macs(c: &CogVideoXTransformerConfig, tokens: i64) -> f64 {
+    let d = c.inner_dim() as f64;
+    let l = tokens as f64;
+    4.0 * l * d * d + 2.0 * l * l * d
+}
+
+/// Multiply-adds of one block for one sample (see [`attention_macs`]): its attention, the
+/// feed-forward on every token (D → 4D → D), and the two expert modulations `norm1` and `norm2`
+/// (`time_embed_dim` → 6D each, once per sample).
+pub fn block_macs(c: &CogVideoXTransformerConfig, tokens: i64) -> f64 {
+    let d = c.inner_dim() as f64;
+    let l = tokens as f64;
+    let modulation = 2.0 * c.time_embed_dim as f64 * 6.0 * d;
+    attention_macs(c, tokens) + l * 2.0 * MLP_RATIO as f64 * d * d + modulation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_match_a_hand_count() {
+        // D = 8 (one head of 8), time_embed_dim 4; one sample of 2 text + 4 video tokens (L = 6).
+        let c: CogVideoXTransformerConfig = serde_json::from_str(
+            r#"{"num_attention_heads": 1, "attention_head_dim": 8, "time_embed_dim": 4}"#,
+        )
+        .unwrap();
+        // attn1: to_q, to_k, to_v, to_out.0 on 6 tokens 4·6·8·8 = 1536; QKᵀ 6·6·8 = 288;
+        // AV 288. Total 2112.
+        assert_eq!(attention_macs(&c, 6), 2112.0);
+        // Block: + ff 6·(8·32 + 32·8) = 3072; norm1 and norm2 linears 2·4·48 = 384.
+        // Total 2112 + 3456 = 5568.
+        assert_eq!(block_macs(&c, 6), 5568.0);
     }
 }

@@ -284,7 +284,7 @@ impl FluxPipeline {
         })
     }
 
-    /// The loaded transformer (its config, block count and per-block compute estimate).
+    /// The loaded transformer (its config and block count).
     pub fn transformer(&self) -> &FluxTransformer {
         &self.transformer
     }
@@ -527,11 +527,12 @@ impl Pipeline for FluxPipeline {
     }
 
     fn step_cost(&self, gen: &FluxGeneration, stats: &StepStats) -> StepCost {
-        let image_tokens = gen.latents.size()[1] as usize;
-        let text_tokens = gen.cond.prompt_embeds.size()[1] as usize;
+        let (batch, image_tokens) = (gen.latents.size()[0], gen.latents.size()[1]);
+        // Both CFG branches are padded to the same text length.
+        let text_tokens = gen.cond.prompt_embeds.size()[1];
         let (total, saved) = self
             .transformer
-            .step_flops(image_tokens, text_tokens, stats);
+            .step_flops(batch, image_tokens, text_tokens, stats);
         StepCost { total, saved }
     }
 }

@@ -446,57 +446,31 @@ impl FluxTransformer {
         self.kind
     }
 
-    /// Rough multiply-add count of one block for one sample with `l_img` image and `l_txt` text
-    /// tokens: its linear layers (projections, MLPs, AdaLN modulation) plus the two attention
-    /// matmuls (`QKᵀ` and `AV`). Used to report the compute a cache saved, not to time anything.
-    pub fn block_flops(&self, kind: BlockKind, l_img: i64, l_txt: i64) -> f64 {
-        let d = self.config.inner_dim() as f64;
-        let l = (l_img + l_txt) as f64;
-        let attention = 2.0 * l * l * d;
-        // Per token: q, k, v and the output projection (4·D²) plus a 4× MLP (8·D²) for dual
-        // blocks; q, k, v (3·D²), the MLP input (4·D²) and the fused output projection (5·D²) for
-        // single blocks. The modulation linears run once per sample.
-        let (per_token, modulation) = match kind {
-            BlockKind::Dual => (12.0 * d * d, 12.0 * d * d),
-            BlockKind::Single => (12.0 * d * d, 3.0 * d * d),
-        };
-        l * per_token + attention + modulation
-    }
-
-    /// Rough multiply-add count of one block's attention module alone (q/k/v and output
-    /// projections plus `QKᵀ` and `AV`): what an attention-level cache saves when it reuses it.
-    pub fn attention_flops(&self, l_img: i64, l_txt: i64) -> f64 {
-        let d = self.config.inner_dim() as f64;
-        let l = (l_img + l_txt) as f64;
-        4.0 * l * d * d + 2.0 * l * l * d
-    }
-
-    /// Estimated transformer FLOPs (2 per multiply-add) of one step (all its forwards) and the
-    /// part the cache saved: skipped forwards save every block, skipped blocks their own cost, and reused or
-    /// predicted attention the attention module's cost. Dual- and single-stream blocks cost the
-    /// same to first order, so skipped blocks are costed as the average block.
+    /// Estimated transformer FLOPs (2 per multiply-add) of one step whose forwards each ran
+    /// `batch` samples of `image_tokens` + `text_tokens` tokens, and the part the cache saved.
+    /// Every forward costs the whole block stack; a forward that did not run saves all of it, and
+    /// inside the forwards that ran, each block or attention module that did not run saves what
+    /// [`compute`](Self::compute) costed it at ([`StepStats::macs_not_run`]).
     pub fn step_flops(
         &self,
-        image_tokens: usize,
-        text_tokens: usize,
+        batch: i64,
+        image_tokens: i64,
+        text_tokens: i64,
         stats: &StepStats,
     ) -> (f64, f64) {
-        let (l_img, l_txt) = (image_tokens as i64, text_tokens as i64);
-        let spec_blocks = [
-            (BlockKind::Dual, self.config().num_layers),
-            (BlockKind::Single, self.config().num_single_layers),
+        let c = &self.config;
+        let blocks = [
+            (BlockKind::Dual, c.num_layers),
+            (BlockKind::Single, c.num_single_layers),
         ];
-        let per_forward: f64 = 2.0
-            * spec_blocks
+        let per_forward: f64 = batch as f64
+            * blocks
                 .iter()
-                .map(|&(kind, n)| n as f64 * self.block_flops(kind, l_img, l_txt))
+                .map(|&(kind, n)| n as f64 * block_macs(c, kind, image_tokens, text_tokens))
                 .sum::<f64>();
-        let average_block = per_forward / self.num_blocks().max(1) as f64;
-        let not_computed = |c: &ModuleCounts| (c.total() - c.computed) as f64;
-        let total = stats.forwards.total() as f64 * per_forward;
-        let saved = not_computed(&stats.forwards) * per_forward
-            + not_computed(&stats.blocks) * average_block
-            + not_computed(&stats.attention) * 2.0 * self.attention_flops(l_img, l_txt);
+        let total = 2.0 * f64::from(stats.forwards.total()) * per_forward;
+        let saved =
+            2.0 * (f64::from(stats.forwards.not_computed()) * per_forward + stats.macs_not_run);
         (total, saved.min(total))
     }
 
@@ -569,9 +543,12 @@ impl FluxTransformer {
         let ids = Tensor::cat(&[unbatch(x.txt_ids), unbatch(x.img_ids)], 0);
         let rope = rope(&ids, &self.config.axes_dims_rope);
 
+        // Blocks and their attention are costed at this forward's shapes.
+        let (batch, l_img, l_txt) = (hidden.size()[0] as f64, hidden.size()[1], encoder.size()[1]);
         let mut io = block_io(hidden, encoder);
         for ids in &self.ids {
             let (id, attn) = (&ids.block, &ids.attention);
+            let attention_before = stats.attention;
             let decision = hooks.before_block(id, &io);
             let attention = &mut stats.attention;
             let (out, computed) =
@@ -581,6 +558,14 @@ impl FluxTransformer {
                     BlockKind::Single => self.single_blocks[ids.index]
                         .forward(attn, &io, &temb, &rope, hooks, attention),
                 });
+            let c = &self.config;
+            stats.macs_not_run += batch
+                * if computed {
+                    let not_run = stats.attention.since(&attention_before).not_computed();
+                    f64::from(not_run) * attention_macs(c, ids.kind, l_img, l_txt)
+                } else {
+                    block_macs(c, ids.kind, l_img, l_txt)
+                };
             if computed {
                 hooks.after_block(id, &io, &out);
             }
@@ -599,6 +584,38 @@ impl FluxTransformer {
         }
         out
     }
+}
+
+/// Multiply-adds of one `kind` block's attention module for one sample of `l_img` image and
+/// `l_txt` text tokens, as [`Attention`] runs it: q, k and v for every token (`to_q/k/v` on the
+/// image tokens; in dual blocks `add_q/k/v_proj` on the text tokens), `QKᵀ` and `AV` over the
+/// joint sequence, and, in dual blocks only, the output projections (`to_out.0` on the image
+/// tokens, `to_add_out` on the text tokens). A single block's fused `proj_out` runs outside its
+/// attention module: [`block_macs`] counts it. Norms, RoPE and softmax are elementwise, left out.
+pub fn attention_macs(c: &FluxTransformerConfig, kind: BlockKind, l_img: i64, l_txt: i64) -> f64 {
+    let d = c.inner_dim() as f64;
+    let l = (l_img + l_txt) as f64;
+    let projections = match kind {
+        BlockKind::Dual => 4.0,
+        BlockKind::Single => 3.0,
+    };
+    projections * l * d * d + 2.0 * l * l * d
+}
+
+/// Multiply-adds of one `kind` block for one sample (see [`attention_macs`]): its attention plus,
+/// in a dual block, the `norm1` and `norm1_context` modulations (D → 6D each, once per sample)
+/// and the MLPs `ff` on the image tokens and `ff_context` on the text tokens (D → 4D → D); in a
+/// single block, the `norm` modulation (D → 3D), `proj_mlp` (D → 4D) and the fused `proj_out`
+/// over `[attention | MLP]` (5D → D) on every token.
+pub fn block_macs(c: &FluxTransformerConfig, kind: BlockKind, l_img: i64, l_txt: i64) -> f64 {
+    let d = c.inner_dim() as f64;
+    let l = (l_img + l_txt) as f64;
+    let mlp = MLP_RATIO as f64;
+    let rest = match kind {
+        BlockKind::Dual => 2.0 * 6.0 * d * d + l * 2.0 * mlp * d * d,
+        BlockKind::Single => 3.0 * d * d + l * (mlp + (1.0 + mlp)) * d * d,
+    };
+    attention_macs(c, kind, l_img, l_txt) + rest
 }
 
 /// diffusers' module paths of `dual` joint-attention blocks then `single` single-stream blocks;
@@ -685,4 +702,29 @@ fn check_block_counts(w: &Weights, c: &FluxTransformerConfig, config_path: &Path
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_match_a_hand_count() {
+        // D = 8 (one head of 8); one sample of 4 image + 2 text tokens (L = 6).
+        let c: FluxTransformerConfig =
+            serde_json::from_str(r#"{"num_attention_heads": 1, "attention_head_dim": 8}"#).unwrap();
+        // Dual attention: to_q, to_k, to_v on 4 image tokens 3·4·8·8 = 768; add_q/k/v_proj on 2
+        // text tokens 3·2·8·8 = 384; QKᵀ 6·6·8 = 288; AV 288; to_out.0 4·8·8 = 256; to_add_out
+        // 2·8·8 = 128. Total 2112.
+        assert_eq!(attention_macs(&c, BlockKind::Dual, 4, 2), 2112.0);
+        // Dual block: + norm1 and norm1_context 2·8·48 = 768; ff 4·(8·32 + 32·8) = 2048;
+        // ff_context 2·(8·32 + 32·8) = 1024. Total 2112 + 3840 = 5952.
+        assert_eq!(block_macs(&c, BlockKind::Dual, 4, 2), 5952.0);
+        // Single attention: to_q, to_k, to_v on 6 tokens 3·6·8·8 = 1152; QKᵀ 288; AV 288; no
+        // output projection. Total 1728.
+        assert_eq!(attention_macs(&c, BlockKind::Single, 4, 2), 1728.0);
+        // Single block: + norm 8·24 = 192; proj_mlp 6·8·32 = 1536; proj_out 6·40·8 = 1920.
+        // Total 1728 + 3648 = 5376.
+        assert_eq!(block_macs(&c, BlockKind::Single, 4, 2), 5376.0);
+    }
 }

@@ -106,9 +106,6 @@ impl VaeConfig {
                 return err(key, format!("must be positive, got {value}"));
             }
         }
-        if self.block_out_channels.is_empty() {
-            return err("block_out_channels", "must not be empty".into());
-        }
         check_block_layout(
             path,
             &self.block_out_channels,
@@ -599,7 +596,7 @@ impl AutoencoderKL {
     }
 }
 
-/// A VAE config's levels: every width a positive multiple of the GroupNorm groups, and one down
+/// A VAE config's levels: at least one, every width a positive multiple of the GroupNorm groups, and one down
 /// and one up block of the one supported type per level. Errors name `path` and the key.
 pub(crate) fn check_block_layout(
     path: &Path,
@@ -608,6 +605,9 @@ pub(crate) fn check_block_layout(
     block_types: [(&str, &Vec<String>, &str); 2],
 ) -> Result<()> {
     let err = |key: &str, message: String| Err(ModelError::config(path, key, message));
+    if block_out_channels.is_empty() {
+        return err("block_out_channels", "must not be empty".into());
+    }
     if let Some(c) = block_out_channels
         .iter()
         .find(|&&c| c <= 0 || c % norm_num_groups != 0)

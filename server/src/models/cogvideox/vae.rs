@@ -142,9 +142,6 @@ impl CogVideoXVaeConfig {
                 return err(key, format!("must be positive, got {value}"));
             }
         }
-        if self.block_out_channels.is_empty() {
-            return err("block_out_channels", "must not be empty".into());
-        }
         check_block_layout(
             path,
             &self.block_out_channels,

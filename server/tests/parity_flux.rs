@@ -19,6 +19,7 @@ use denoised_server::dit::hooks::{
 use denoised_server::dit::pipeline::{AnyPipeline, Pipeline};
 use denoised_server::dit::request::{GenerationRequest, PreviewKind};
 use denoised_server::engine::run::Denoise;
+use denoised_server::error::ServiceError;
 use denoised_server::models::flux::config::FluxTransformerConfig;
 use denoised_server::models::flux::packing::FluxLayout;
 use denoised_server::models::flux::pipeline::FluxPipeline;
@@ -26,6 +27,7 @@ use denoised_server::models::flux::transformer::{
     attention_macs, block_macs, BlockKind, FluxTransformer,
 };
 use denoised_server::models::scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig};
+use denoised_server::models::ModelError;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -723,4 +725,64 @@ fn broken_folders_fail_at_load_naming_file_and_key() {
         &load_error(&scheduler.0),
         &["scheduler_config.json", "use_karras_sigmas"],
     );
+}
+
+/// A prompt the tokenizer refuses is the caller's input: `INVALID_ARGUMENT` naming the field, not
+/// an internal error (a tokenizer failure used to panic inside the prompt encoding).
+#[test]
+fn a_prompt_the_tokenizer_refuses_is_an_invalid_argument() {
+    // A T5 tokenizer without an unknown token refuses characters outside its vocabulary.
+    let model = TempCopy::of(&unsharded_model(), "tokenizer-without-unk");
+    edit_json(&model.0.join("tokenizer_2/tokenizer.json"), |t| {
+        t["model"]["unk_id"] = Value::Null;
+    });
+    let pipeline = denoised_server::models::load_pipeline(&model.0, Device::Cpu, Kind::Float)
+        .expect("the model loads");
+    let pipeline = pipeline.as_ref();
+    let request = GenerationRequest {
+        prompt: "a cat".into(),
+        negative_prompt: Some("a dog".into()),
+        width: 16,
+        height: 16,
+        steps: 1,
+        guidance: 3.5,
+        true_cfg_scale: 2.0,
+        seed: 0,
+        max_sequence_length: 8,
+        num_frames: None,
+        dynamic_cfg: false,
+    };
+    assert!(Denoise::start(pipeline, &request, CacheConfig::None).is_ok());
+    let snowman = "a ☃".to_owned();
+    for (request, field) in [
+        (
+            GenerationRequest {
+                prompt: snowman.clone(),
+                ..request.clone()
+            },
+            "prompt",
+        ),
+        (
+            GenerationRequest {
+                negative_prompt: Some(snowman.clone()),
+                ..request.clone()
+            },
+            "negative_prompt",
+        ),
+    ] {
+        let err = Denoise::start(pipeline, &request, CacheConfig::None)
+            .err()
+            .expect("a refused prompt was accepted");
+        assert!(
+            matches!(&err, ServiceError::Model(ModelError::InvalidInput { field: f, .. }) if f == field),
+            "{err:?}"
+        );
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains(&format!("`{field}`")),
+            "{}",
+            status.message()
+        );
+    }
 }

@@ -109,8 +109,8 @@ enum AnyTokenizer {
 impl AnyTokenizer {
     fn encode(&self, text: &str, max_len: usize) -> Vec<i64> {
         match self {
-            Self::Clip(t) => t.encode(text, max_len),
-            Self::T5(t) => t.encode(text, max_len),
+            Self::Clip(t) => t.encode(text, "prompt", max_len).unwrap(),
+            Self::T5(t) => t.encode(text, "prompt", max_len).unwrap(),
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! `encode` gives what FluxPipeline asks transformers for: `padding="max_length",
 //! max_length=max_len, truncation=True` — the text's tokens cut so that they fit together with the
-//! special tokens, the special tokens added, then right-padded with the pad id.
+//! special tokens, the special tokens added, then right-padded with the pad id. A text the
+//! tokenizer refuses (e.g. a character its vocabulary cannot represent when it has no unknown
+//! token) is the caller's input: [`ModelError::InvalidInput`] naming the request field.
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -58,9 +60,10 @@ impl ClipTokenizer {
         })
     }
 
-    /// Token ids of `text`, truncated and padded to exactly `max_len` (see the module docs).
-    pub fn encode(&self, text: &str, max_len: usize) -> Vec<i64> {
-        self.inner.encode(text, max_len)
+    /// Token ids of `text` (the request's `field`), truncated and padded to exactly `max_len`
+    /// (see the module docs).
+    pub fn encode(&self, text: &str, field: &str, max_len: usize) -> Result<Vec<i64>> {
+        self.inner.encode(text, field, max_len)
     }
 
     /// `model_max_length` of the tokenizer config (77 for CLIP).
@@ -88,9 +91,10 @@ impl T5Tokenizer {
         })
     }
 
-    /// Token ids of `text`, truncated and padded to exactly `max_len` (see the module docs).
-    pub fn encode(&self, text: &str, max_len: usize) -> Vec<i64> {
-        self.inner.encode(text, max_len)
+    /// Token ids of `text` (the request's `field`), truncated and padded to exactly `max_len`
+    /// (see the module docs).
+    pub fn encode(&self, text: &str, field: &str, max_len: usize) -> Result<Vec<i64>> {
+        self.inner.encode(text, field, max_len)
     }
 
     /// `model_max_length` of the tokenizer config (512 for FLUX's T5).
@@ -135,9 +139,13 @@ impl PaddedTokenizer {
 
     /// `max_len` ids: the text's tokens cut to `max_len - num_special`, the special tokens, padding.
     /// A `max_len` below the number of special tokens keeps the first `max_len` ids.
-    fn encode(&self, text: &str, max_len: usize) -> Vec<i64> {
-        let failed = |e| panic!("{}: tokenizing {text:?}: {e}", self.path.display());
-        let mut encoding = self.tokenizer.encode(text, false).unwrap_or_else(failed);
+    fn encode(&self, text: &str, field: &str, max_len: usize) -> Result<Vec<i64>> {
+        let refused = |e: tokenizers::Error| {
+            // Which file refused is for the operator's log, not the caller's message.
+            tracing::debug!(tokenizer = %self.path.display(), "refused the `{field}`: {e}");
+            ModelError::invalid_input(field, format!("the tokenizer refuses it: {e}"))
+        };
+        let mut encoding = self.tokenizer.encode(text, false).map_err(refused)?;
         encoding.truncate(
             max_len.saturating_sub(self.num_special),
             0,
@@ -146,10 +154,10 @@ impl PaddedTokenizer {
         let encoding = self
             .tokenizer
             .post_process(encoding, None, true)
-            .unwrap_or_else(failed);
+            .map_err(refused)?;
         let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         ids.resize(max_len, self.pad_id);
-        ids
+        Ok(ids)
     }
 }
 
@@ -327,11 +335,20 @@ mod tests {
         let tok = ClipTokenizer::load(&dir).unwrap();
         assert_eq!(tok.max_length(), 77);
         // Upper case and repeated spaces are normalised away; "cat" is one merged token.
-        assert_eq!(tok.encode("A  CAT!", 8), vec![9, 3, 6, 7, 10, 10, 10, 10]);
+        assert_eq!(
+            tok.encode("A  CAT!", "prompt", 8).unwrap(),
+            vec![9, 3, 6, 7, 10, 10, 10, 10]
+        );
         // Truncation keeps bos and eos.
-        assert_eq!(tok.encode("a cat a cat", 4), vec![9, 3, 6, 10]);
+        assert_eq!(
+            tok.encode("a cat a cat", "prompt", 4).unwrap(),
+            vec![9, 3, 6, 10]
+        );
         // Special token spelled out in the text stays one token.
-        assert_eq!(tok.encode("a<|endoftext|>", 5), vec![9, 3, 10, 10, 10]);
+        assert_eq!(
+            tok.encode("a<|endoftext|>", "prompt", 5).unwrap(),
+            vec![9, 3, 10, 10, 10]
+        );
     }
 
     #[test]
@@ -345,7 +362,51 @@ mod tests {
         .unwrap();
         let tok = ClipTokenizer::load(&dir).unwrap();
         assert_eq!(tok.max_length(), 16);
-        assert_eq!(tok.encode("cat", 5), vec![9, 6, 10, 8, 8]);
+        assert_eq!(
+            tok.encode("cat", "prompt", 5).unwrap(),
+            vec![9, 6, 10, 8, 8]
+        );
+    }
+
+    /// A T5-style Unigram tokenizer over "a" and "b" with no unknown token: it cannot represent
+    /// any other character and refuses texts that have one.
+    fn write_tiny_t5_without_unk(dir: &Path) {
+        let json = r#"{
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                              "prepend_scheme": "always", "split": true},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+            "decoder": null,
+            "model": {"type": "Unigram", "unk_id": null, "byte_fallback": false,
+                      "vocab": [["<pad>", 0.0], ["</s>", 0.0], ["\u2581", -1.0],
+                                ["a", -1.0], ["b", -1.0]]}
+        }"#;
+        std::fs::write(dir.join("tokenizer.json"), json).unwrap();
+    }
+
+    #[test]
+    fn a_text_the_tokenizer_refuses_is_invalid_input_naming_the_field() {
+        let dir = tempdir("t5-no-unk");
+        write_tiny_t5_without_unk(&dir);
+        let tok = T5Tokenizer::load(&dir).unwrap();
+        // "▁", "a", "▁", "b", "</s>", then padding.
+        assert_eq!(
+            tok.encode("a b", "prompt", 7).unwrap(),
+            vec![2, 3, 2, 4, 1, 0, 0]
+        );
+        match tok.encode("a c", "negative_prompt", 7) {
+            Err(ModelError::InvalidInput { field, message }) => {
+                assert_eq!(field, "negative_prompt");
+                assert!(message.contains("unk"), "{message}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
     }
 
     #[test]

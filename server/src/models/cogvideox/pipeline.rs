@@ -220,15 +220,15 @@ impl CogVideoXPipeline {
         &self.transformer
     }
 
-    /// `_get_t5_prompt_embeds`: T5 over the prompt padded / truncated to `max_len` tokens (no
-    /// attention mask), in the pipeline dtype.
-    fn encode_prompt(&self, prompt: &str, max_len: usize) -> Tensor {
-        let ids = self.tokenizer.encode(prompt, max_len);
+    /// `_get_t5_prompt_embeds`: T5 over the prompt (the request's `field`) padded / truncated to
+    /// `max_len` tokens (no attention mask), in the pipeline dtype.
+    fn encode_prompt(&self, prompt: &str, field: &str, max_len: usize) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt, field, max_len)?;
         let len = ids.len() as i64;
         let ids = Tensor::from_slice(&ids)
             .view([1, len])
             .to_device(self.device);
-        self.text_encoder.forward(&ids).to_kind(self.kind)
+        Ok(self.text_encoder.forward(&ids).to_kind(self.kind))
     }
 
     fn prepare_generation(&self, r: &GenerationRequest) -> Result<CogVideoXGeneration> {
@@ -274,13 +274,14 @@ impl CogVideoXPipeline {
         scheduler.set_timesteps(r.steps)?;
 
         let _no_grad = tch::no_grad_guard();
-        let positive = self.encode_prompt(&r.prompt, r.max_sequence_length);
+        let positive = self.encode_prompt(&r.prompt, "prompt", r.max_sequence_length)?;
         let cfg = r.guidance > 1.0;
         let prompt_embeds = if cfg {
             let negative = self.encode_prompt(
                 r.negative_prompt.as_deref().unwrap_or(""),
+                "negative_prompt",
                 r.max_sequence_length,
-            );
+            )?;
             Tensor::cat(&[negative, positive], 0)
         } else {
             positive

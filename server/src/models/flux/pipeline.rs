@@ -349,11 +349,11 @@ impl FluxPipeline {
         }
 
         let _no_grad = tch::no_grad_guard();
-        let cond = self.encode_prompt(&params.prompt, params.max_sequence_length);
+        let cond = self.encode_prompt(&params.prompt, "prompt", params.max_sequence_length)?;
         let true_cfg = params.true_cfg_scale > 1.0 && params.negative_prompt.is_some();
         let uncond = match (&params.negative_prompt, true_cfg) {
             (Some(negative), true) => {
-                Some(self.encode_prompt(negative, params.max_sequence_length))
+                Some(self.encode_prompt(negative, "negative_prompt", params.max_sequence_length)?)
             }
             _ => None,
         };
@@ -396,25 +396,35 @@ impl FluxPipeline {
         })
     }
 
-    /// FluxPipeline.encode_prompt for one prompt: pooled CLIP output (CLIP tokens padded to the
-    /// tokenizer's max length) and the T5 sequence (`max_sequence_length` tokens, no mask).
-    fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> TextConditioning {
+    /// FluxPipeline.encode_prompt for one prompt (the request's `field`): pooled CLIP output (CLIP
+    /// tokens padded to the tokenizer's max length) and the T5 sequence (`max_sequence_length`
+    /// tokens, no mask).
+    fn encode_prompt(
+        &self,
+        prompt: &str,
+        field: &str,
+        max_sequence_length: usize,
+    ) -> Result<TextConditioning> {
         let ids = |ids: Vec<i64>| {
             let len = ids.len() as i64;
             Tensor::from_slice(&ids)
                 .view([1, len])
                 .to_device(self.device)
         };
-        let clip_ids = ids(self.tokenizer.encode(prompt, self.tokenizer.max_length()));
+        let clip_ids = ids(self
+            .tokenizer
+            .encode(prompt, field, self.tokenizer.max_length())?);
         let (_, pooled) = self.text_encoder.forward(&clip_ids);
-        let t5_ids = ids(self.tokenizer_2.encode(prompt, max_sequence_length));
+        let t5_ids = ids(self
+            .tokenizer_2
+            .encode(prompt, field, max_sequence_length)?);
         let prompt_embeds = self.text_encoder_2.forward(&t5_ids);
         let text_ids = Tensor::zeros([prompt_embeds.size()[1], 3], (self.kind, self.device));
-        TextConditioning {
+        Ok(TextConditioning {
             prompt_embeds: prompt_embeds.to_kind(self.kind),
             pooled: pooled.to_kind(self.kind),
             text_ids,
-        }
+        })
     }
 
     /// Unpacked latents `[B, C, h, w]` (e.g. [`FluxGeneration::predicted_clean`]) to an image

@@ -15,19 +15,24 @@ PAB and FasterCache get ``current_timestep_callback=lambda: pipe.current_timeste
 "computed" when its inner layers ran: blocks are counted by their first norm, attention by its
 query projection (forward pre-hooks on ``norm1`` / ``norm`` and ``attn.to_q``).
 
-Where the server's documented semantics differ from diffusers, the reference is diffusers' code
-arranged to follow ours (``reference`` says so):
+Where the server's documented semantics differ from diffusers, ``reference`` says what the case is
+compared with instead:
 
 * ``per_branch``: PAB / FasterCache under true CFG. diffusers shares their state between FLUX's
-  separately run cond and uncond forwards; the server keeps it per branch. The uncond forwards run
-  on a twin transformer carrying its own, identical cache hooks.
-* ``uncond_reuse``: FasterCache's unconditional-branch reuse with FLUX's sequential true CFG,
-  which diffusers cannot run (it needs a batched [uncond; cond] forward). The cond forwards run
-  diffusers' attention hooks in distilled mode, told an out-of-range timestep at steps whose
-  uncond forward runs (diffusers computes every attention of a full-batch forward); the uncond
-  forward either runs on an uncached twin (then the band deltas are taken with diffusers'
-  ``_split_low_high_freq``) or is rebuilt from the step's cond output exactly as diffusers'
-  denoiser hook rebuilds the uncond half, on the unpacked ``[B, C, h, w]`` latent.
+  separately run cond and uncond forwards; the server keeps it per branch. The reference is
+  diffusers' code arranged to follow ours: the uncond forwards run on a twin transformer carrying
+  its own, identical cache hooks.
+* ``self_consistency``: FasterCache's unconditional-branch reuse with FLUX's sequential true CFG,
+  which diffusers cannot run (it needs a batched [uncond; cond] forward). The reference is a
+  Python re-implementation of the server's own algorithm, so the case is a self-consistency check,
+  not parity with diffusers (the batched-CFG uncond skip diffusers does implement is compared with
+  diffusers itself on CogVideoX: ``make_cogvideox_pipeline_reference.py``,
+  ``server/tests/parity_cogvideox_pipeline.rs``). The cond forwards run diffusers' attention hooks
+  in distilled mode, told an out-of-range timestep at steps whose uncond forward runs (diffusers
+  computes every attention of a full-batch forward); the uncond forward either runs on an uncached
+  twin (then the band deltas are taken with diffusers' ``_split_low_high_freq``) or is rebuilt from
+  the step's cond output the way diffusers' denoiser hook rebuilds the uncond half, on the
+  unpacked ``[B, C, h, w]`` latent.
 
 TaylorSeer's lite mode needs no special reference: the server skips the blocks instead of zeroing
 them, which changes no output (diffusers' predicted ``proj_out`` ignores its input).
@@ -108,7 +113,7 @@ CASES = [
     dict(DEV_CFG, name="faster_cache_true_cfg_distilled", steps=8, reference="per_branch",
          cache=dict(kind=FASTER, spatial_attention_block_skip_range=2,
                     spatial_attention_timestep_skip_range=[-1, 901], is_guidance_distilled=True)),
-    dict(DEV_CFG, name="faster_cache_uncond_reuse", steps=10, reference="uncond_reuse",
+    dict(DEV_CFG, name="faster_cache_uncond_reuse", steps=10, reference="self_consistency",
          cache=dict(kind=FASTER, spatial_attention_block_skip_range=2,
                     spatial_attention_timestep_skip_range=[-1, 901],
                     unconditional_batch_skip_range=3, unconditional_batch_timestep_skip_range=[-1, 901],
@@ -269,8 +274,9 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 
 
 def setup_uncond_reuse(pipe: FluxPipeline, twin, spec: dict, case: dict):
-    """FasterCache with FLUX's sequential true CFG, following the server's semantics (module doc);
-    `twin` (uncached) runs the uncond forwards that are not rebuilt."""
+    """FasterCache with FLUX's sequential true CFG, re-implementing the server's semantics (module
+    doc; the ``self_consistency`` reference); `twin` (uncached) runs the uncond forwards that are
+    not rebuilt."""
     transformer = pipe.transformer
     state = {"steps": 0, "reuse": False, "cond": None, "deltas": None, "attention_t": None}
     transformer.enable_cache(diffusers_config(dict(spec, is_guidance_distilled=True), pipe,
@@ -331,7 +337,7 @@ def run_case(pipe: FluxPipeline, case: dict) -> tuple[torch.Tensor, dict]:
         twin.enable_cache(diffusers_config(spec, pipe))
         transformer.enable_cache(diffusers_config(spec, pipe))
         route_uncond(transformer, twin)
-    elif reference == "uncond_reuse":
+    elif reference == "self_consistency":
         setup_uncond_reuse(pipe, twin, spec, case)
     else:
         transformer.enable_cache(diffusers_config(spec, pipe))

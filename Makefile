@@ -4,6 +4,7 @@
 #   make build   release build of the server and client
 #   make test    everything CI runs: fmt, clippy, unit + integration + parity tests
 #   make demo    start the server on the default model and generate with every cache strategy
+#   make install PREFIX=/opt/denoised   movable install: binaries + libtorch, relative rpath
 
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
@@ -17,7 +18,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build test lint fmt parity-data demo clean-venv
+.PHONY: setup build test lint fmt parity-data demo install cache-bench clean-venv
 
 setup: $(STAMP)
 
@@ -64,6 +65,19 @@ demo: setup
 	cargo build --release -p denoised-server -p denoised-client
 	$(PY) scripts/demo.py --server-bin $(TARGET_DIR)/release/denoised \
 		--cli-bin $(TARGET_DIR)/release/denoised-cli --model-dir $(DEFAULT_MODEL) --out out
+
+PREFIX ?= /usr/local
+
+# PREFIX/bin/{denoised,denoised-cli} with libtorch beside them in PREFIX/lib/denoised, found
+# through $ORIGIN: the tree can be moved or copied into an image as a whole.
+install: build
+	scripts/install.sh $(PREFIX) $(TARGET_DIR)/release/denoised $(TARGET_DIR)/release/denoised-cli
+
+# Every cache strategy against no cache on one model, interleaved rounds, medians and spread.
+BENCH_MODEL ?= $(DEFAULT_MODEL)
+BENCH_ARGS ?= 8 64 --repeats 15
+cache-bench: setup
+	cargo run --release -p denoised-server --example cache_bench -- $(BENCH_MODEL) $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -124,10 +124,116 @@ impl ModuleCounts {
     }
 }
 
+/// What happened to one module call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleDecision {
+    /// Not asked: its block or forward did not run.
+    NotRun,
+    /// Ran in full.
+    Computed,
+    /// A cached output used verbatim.
+    Reused,
+    /// Extrapolated or rebuilt from cached outputs.
+    Predicted,
+    /// Not run; its input flowed on.
+    Skipped,
+}
+
+impl ModuleDecision {
+    fn from_proto(code: i32) -> Self {
+        match v1::ModuleDecision::try_from(code) {
+            Ok(v1::ModuleDecision::Computed) => Self::Computed,
+            Ok(v1::ModuleDecision::Reused) => Self::Reused,
+            Ok(v1::ModuleDecision::Predicted) => Self::Predicted,
+            Ok(v1::ModuleDecision::Skipped) => Self::Skipped,
+            _ => Self::NotRun,
+        }
+    }
+
+    /// One letter: C computed, R reused, P predicted, S skipped, `.` not run.
+    pub fn letter(self) -> char {
+        match self {
+            Self::NotRun => '.',
+            Self::Computed => 'C',
+            Self::Reused => 'R',
+            Self::Predicted => 'P',
+            Self::Skipped => 'S',
+        }
+    }
+}
+
+/// Which samples a transformer call ran for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardRows {
+    /// The conditional CFG branch (or the only one without CFG).
+    Cond,
+    /// The unconditional CFG branch.
+    Uncond,
+    /// Both CFG halves in one batch.
+    Both,
+}
+
+/// One transformer call's per-module decisions
+/// ([`record_module_decisions`](crate::GenerateRequest::record_module_decisions)).
+///
+/// Displays as `cond C blocks CCRRRR attn CC.... out C`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardDecisions {
+    /// Which samples the call ran for.
+    pub rows: ForwardRows,
+    /// The whole forward.
+    pub forward: ModuleDecision,
+    /// One per block in execution order (FLUX: dual-stream then single-stream blocks).
+    pub blocks: Vec<ModuleDecision>,
+    /// Each block's attention module ([`ModuleDecision::NotRun`] when the block did not run).
+    pub attention: Vec<ModuleDecision>,
+    /// The final norm and projection.
+    pub output_projection: ModuleDecision,
+}
+
+impl From<v1::ForwardDecisions> for ForwardDecisions {
+    fn from(f: v1::ForwardDecisions) -> Self {
+        let decisions = |codes: Vec<i32>| codes.into_iter().map(ModuleDecision::from_proto);
+        ForwardDecisions {
+            rows: match v1::ForwardRows::try_from(f.rows) {
+                Ok(v1::ForwardRows::Uncond) => ForwardRows::Uncond,
+                Ok(v1::ForwardRows::Both) => ForwardRows::Both,
+                _ => ForwardRows::Cond,
+            },
+            forward: ModuleDecision::from_proto(f.forward),
+            blocks: decisions(f.blocks).collect(),
+            attention: decisions(f.attention).collect(),
+            output_projection: ModuleDecision::from_proto(f.output_projection),
+        }
+    }
+}
+
+impl fmt::Display for ForwardDecisions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let letters = |d: &[ModuleDecision]| d.iter().map(|d| d.letter()).collect::<String>();
+        let rows = match self.rows {
+            ForwardRows::Cond => "cond",
+            ForwardRows::Uncond => "uncond",
+            ForwardRows::Both => "cfg",
+        };
+        write!(f, "{rows} {}", self.forward.letter())?;
+        if !self.blocks.is_empty() {
+            write!(
+                f,
+                " blocks {} attn {} out {}",
+                letters(&self.blocks),
+                letters(&self.attention),
+                self.output_projection.letter()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// What the step cache did during one step.
 ///
 /// Displays as a one-line summary such as `taylorseer: computed 3/19 blocks, 16 predicted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheActivity {
     /// The strategy that ran this step.
@@ -146,6 +252,9 @@ pub struct CacheActivity {
     pub strategy_switched: bool,
     /// First step after `reset_cache` took effect.
     pub cache_reset: bool,
+    /// Per-module decisions, one entry per transformer call, when the request asked for them
+    /// ([`record_module_decisions`](crate::GenerateRequest::record_module_decisions)).
+    pub modules: Option<Vec<ForwardDecisions>>,
 }
 
 impl From<v1::CacheActivity> for CacheActivity {
@@ -159,6 +268,9 @@ impl From<v1::CacheActivity> for CacheActivity {
             cache_state_bytes: a.cache_state_bytes,
             strategy_switched: a.strategy_switched,
             cache_reset: a.cache_reset,
+            modules: a
+                .modules
+                .map(|m| m.forwards.into_iter().map(Into::into).collect()),
         }
     }
 }
@@ -475,6 +587,7 @@ pub(crate) mod tests {
                     cache_state_bytes: 4096,
                     strategy_switched: false,
                     cache_reset: false,
+                    modules: None,
                 }),
                 step_ms: 3.0,
                 preview: None,
@@ -638,6 +751,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn forward_decisions_convert_and_display_as_letters() {
+        use v1::ModuleDecision as D;
+        let f: ForwardDecisions = v1::ForwardDecisions {
+            rows: v1::ForwardRows::Uncond as i32,
+            forward: D::Computed as i32,
+            blocks: vec![D::Computed as i32, D::Reused as i32, D::Skipped as i32],
+            attention: vec![D::Predicted as i32, D::Unspecified as i32, 99],
+            output_projection: D::Computed as i32,
+        }
+        .into();
+        assert_eq!(f.rows, ForwardRows::Uncond);
+        assert_eq!(
+            f.blocks,
+            [
+                ModuleDecision::Computed,
+                ModuleDecision::Reused,
+                ModuleDecision::Skipped
+            ]
+        );
+        // Unknown codes read as "not run".
+        assert_eq!(f.attention[2], ModuleDecision::NotRun);
+        assert_eq!(f.to_string(), "uncond C blocks CRS attn P.. out C");
+        let rebuilt: ForwardDecisions = v1::ForwardDecisions {
+            rows: v1::ForwardRows::Uncond as i32,
+            forward: D::Predicted as i32,
+            ..Default::default()
+        }
+        .into();
+        assert_eq!(rebuilt.to_string(), "uncond P");
+    }
+
+    #[test]
     fn activity_display_with_attention_and_flags() {
         let activity = CacheActivity {
             strategy: CacheKind::PyramidAttentionBroadcast,
@@ -655,6 +800,7 @@ pub(crate) mod tests {
             cache_state_bytes: 0,
             strategy_switched: true,
             cache_reset: true,
+            modules: None,
         };
         assert_eq!(
             activity.to_string(),

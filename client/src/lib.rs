@@ -66,8 +66,8 @@ pub use cache::{
 pub use client::{Client, Session, SessionBuilder};
 pub use error::{Error, Result};
 pub use events::{
-    CacheActivity, Completed, Event, GenerationStream, ModuleCounts, ResolvedSettings, Started,
-    StepEvent,
+    CacheActivity, Completed, Event, ForwardDecisions, ForwardRows, GenerationStream, ModuleCounts,
+    ModuleDecision, ResolvedSettings, Started, StepEvent,
 };
 pub use image::Image;
 pub use info::{Conditioning, Modality, ModelInfo, SessionInfo, VideoLimits};

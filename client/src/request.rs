@@ -237,6 +237,7 @@ pub struct GenerateRequest {
     use_dynamic_cfg: Option<bool>,
     video_format: Option<VideoFormat>,
     return_frames: bool,
+    record_module_decisions: bool,
 }
 
 impl GenerateRequest {
@@ -349,6 +350,13 @@ impl GenerateRequest {
         self
     }
 
+    /// Step events carry which blocks and attention modules ran, were reused, predicted or
+    /// skipped ([`CacheActivity::modules`](crate::CacheActivity::modules)); default off.
+    pub fn record_module_decisions(mut self, enabled: bool) -> Self {
+        self.record_module_decisions = enabled;
+        self
+    }
+
     /// Rejects values that no server would accept, before a round trip.
     ///
     /// The video fields are left to the server: which frame counts and rates are valid depends
@@ -394,6 +402,7 @@ impl GenerateRequest {
                 .map_or(v1::VideoFormat::Unspecified, VideoFormat::into_proto)
                 .into(),
             return_frames: self.return_frames,
+            record_module_decisions: self.record_module_decisions,
         }
     }
 }

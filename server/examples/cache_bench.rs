@@ -5,7 +5,11 @@
 //! table.
 //!
 //! `cargo run --release -p denoised-server --example cache_bench -- MODEL_DIR [steps] [size]
-//! [max_sequence_length] [device]`
+//! [max_sequence_length] [device] [--repeats N]`
+//!
+//! Strategies run in interleaved rounds (every strategy on a prompt, then the next prompt, then
+//! the next round; `--repeats` rounds, default 5 for images and 2 for videos); times and
+//! speed-ups are medians over prompt x round with their interquartile range.
 //!
 //! Image models (FLUX) run every strategy with its defaults on four prompts; video models
 //! (CogVideoX, at their default size and frame count unless `size` is given) run the diffusers
@@ -19,6 +23,7 @@ use std::time::{Duration, Instant};
 use denoised_proto::v1 as pb;
 use denoised_server::api::convert::cache::cache_config;
 use denoised_server::cache::CacheConfig;
+use denoised_server::config::Limits;
 use denoised_server::dit::pipeline::AnyPipeline;
 use denoised_server::dit::request::GenerationRequest;
 use denoised_server::engine::device::{parse_device, parse_dtype};
@@ -86,6 +91,17 @@ fn peak_rss() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// 25th percentile, median and 75th percentile (linear interpolation).
+fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let x = q * (v.len() - 1) as f64;
+        let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+        v[lo] + (v[hi] - v[lo]) * (x - lo as f64)
+    };
+    (at(0.25), at(0.5), at(0.75))
+}
+
 fn psnr_and_max_delta(a: &[u8], b: &[u8]) -> (f64, u8) {
     let mut mse = 0.0;
     let mut max = 0u8;
@@ -109,6 +125,7 @@ fn config(strategy: Strategy) -> CacheConfig {
             strategy: Some(strategy),
         }),
         "cache",
+        &Limits::default(),
     )
     .expect("valid config")
 }
@@ -209,10 +226,19 @@ fn video_strategies() -> Vec<(&'static str, CacheConfig)> {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let repeats: Option<usize> = args.iter().position(|a| a == "--repeats").map(|i| {
+        let n = args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .expect("--repeats N");
+        args.drain(i..i + 2);
+        n
+    });
+    let mut args = args.into_iter();
     let model: PathBuf = args
         .next()
-        .expect("usage: cache_bench MODEL_DIR [steps] [size] [max_seq] [device]")
+        .expect("usage: cache_bench MODEL_DIR [steps] [size] [max_seq] [device] [--repeats N]")
         .into();
     let steps: Option<usize> = args.next().map(|s| s.parse().expect("steps"));
     let size: Option<usize> = args.next().map(|s| s.parse().expect("size"));
@@ -273,41 +299,59 @@ fn main() {
         num_frames: video.map(|v| v.default_frames as usize),
         dynamic_cfg: false,
     };
+    let repeats = repeats
+        .unwrap_or(if video.is_some() { 2 } else { 5 })
+        .max(1);
     // Warm-up (allocator, first kernels).
     generate(pipeline, &params(prompts[0], 0), &CacheConfig::None);
     let strategies = match video {
         Some(_) => video_strategies(),
         None => image_strategies(pipeline, &params(PROMPTS[0], 0), steps),
     };
-    // Strategies run interleaved, prompt by prompt, `repeats` times; each time is the fastest of
-    // its repeats, which keeps other load on the machine out of the comparison.
-    let repeats = if video.is_some() { 2 } else { 3 };
+    // Rounds interleave the strategies (A B C … per prompt, then again), so that load from other
+    // processes and thermal drift fall on every strategy alike; each (prompt, round) pair gives
+    // one speed-up ratio against no cache, and the table reports medians with their spread.
     let mut runs: Vec<Vec<Run>> = strategies.iter().map(|_| Vec::new()).collect();
-    for (i, prompt) in prompts.iter().enumerate() {
-        let mut best: Vec<Option<Run>> = strategies.iter().map(|_| None).collect();
-        for _ in 0..repeats {
-            for ((_, cfg), slot) in strategies.iter().zip(best.iter_mut()) {
+    let mut times: Vec<Vec<Vec<Duration>>> = strategies
+        .iter()
+        .map(|_| vec![Vec::new(); prompts.len()])
+        .collect();
+    for round in 0..repeats {
+        for (i, prompt) in prompts.iter().enumerate() {
+            for (s, (_, cfg)) in strategies.iter().enumerate() {
                 let run = generate(pipeline, &params(prompt, i as u64), cfg);
-                if slot.as_ref().is_none_or(|b| run.time < b.time) {
-                    *slot = Some(run);
+                times[s][i].push(run.time);
+                if round == 0 {
+                    runs[s].push(run);
                 }
             }
         }
-        for (all, run) in runs.iter_mut().zip(best) {
-            all.push(run.expect("at least one repeat"));
-        }
     }
     let baseline = &runs[0];
-    let base_time: Duration = baseline.iter().map(|r| r.time).sum();
     let frames = video.map_or(String::new(), |v| format!(", {} frames", v.default_frames));
     println!(
-        "\n{width}x{height}{frames}, {steps} steps, {} prompt(s), {device:?}\n",
+        "\n{width}x{height}{frames}, {steps} steps, {} prompt(s) x {repeats} interleaved rounds, \
+         {device:?}; time and speed-up: median (25th-75th percentile) over prompt x round\n",
         prompts.len()
     );
-    println!("| strategy | wall time | speed-up | PSNR vs none (dB) | max abs diff | transformer compute skipped | attention not computed | uncond halves rebuilt | peak cache memory |");
+    println!("| strategy | time per generation | speed-up | PSNR vs none (dB) | max abs diff | transformer compute skipped (= cache_hit_ratio) | attention not computed | uncond halves rebuilt | peak cache memory |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for ((name, _), runs) in strategies.iter().zip(&runs) {
-        let time: Duration = runs.iter().map(|r| r.time).sum();
+    for (s, ((name, _), runs)) in strategies.iter().zip(&runs).enumerate() {
+        let ms: Vec<f64> = times[s]
+            .iter()
+            .flatten()
+            .map(|t| t.as_secs_f64() * 1e3)
+            .collect();
+        let ratios: Vec<f64> = times[s]
+            .iter()
+            .zip(&times[0])
+            .flat_map(|(mine, base)| {
+                mine.iter()
+                    .zip(base)
+                    .map(|(m, b)| b.as_secs_f64() / m.as_secs_f64())
+            })
+            .collect();
+        let (t, r) = (quartiles(ms), quartiles(ratios));
         let (mut psnr_sum, mut max_delta) = (0.0, 0u8);
         for (run, base) in runs.iter().zip(baseline) {
             let (psnr, max) = psnr_and_max_delta(&run.rgb, &base.rgb);
@@ -325,9 +369,9 @@ fn main() {
         // Unconditional halves are half of all CFG halves: report them against that half.
         let (halves, rebuilt) = sum(|r| r.forwards);
         println!(
-            "| {name} | {:.0} ms | {:.2}x | {:.1} | {max_delta} | {:.0}% | {:.0}% | {:.0}% | {:.1} KiB |",
-            time.as_secs_f64() * 1000.0 / runs.len() as f64,
-            base_time.as_secs_f64() / time.as_secs_f64(),
+            "| {name} | {:.1} ms ({:.1}-{:.1}) | {:.2}x ({:.2}-{:.2}) | {:.1} | {max_delta} | {:.0}% | {:.0}% | {:.0}% | {:.1} KiB |",
+            t.1, t.0, t.2,
+            r.1, r.0, r.2,
             psnr_sum / runs.len() as f64,
             100.0 * saved / total.max(1.0),
             percent(sum(|r| r.attention)),

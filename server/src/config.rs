@@ -35,6 +35,9 @@ pub struct Args {
     /// Maximum number of open sessions.
     #[arg(long)]
     pub max_sessions: Option<usize>,
+    /// On SIGTERM / SIGINT: seconds running generations get to finish before they are cancelled.
+    #[arg(long)]
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +48,9 @@ pub struct Config {
     pub device: String,
     pub dtype: String,
     pub skip_bad_models: bool,
+    /// On SIGTERM / SIGINT: health turns NOT_SERVING and new calls are refused at once; running
+    /// generations get this long to finish, then they are cancelled.
+    pub shutdown_grace_secs: u64,
     pub limits: Limits,
 }
 
@@ -60,14 +66,24 @@ pub struct ModelEntry {
     /// large frames in less memory; pixels near the seams differ slightly from an untiled decode.
     #[serde(default)]
     pub vae_tiling: bool,
+    /// This model's admission budget in pixel-steps (default: `limits.admission_budget`).
+    #[serde(default)]
+    pub admission_budget: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_sessions: usize,
-    /// Generations admitted to the engine at once (running or queued), over all sessions.
+    /// Generations running at once, over all sessions and models.
     pub max_active_generations: usize,
+    /// Generations waiting for admission beyond those; when the queue is full, `Generate` is
+    /// refused with RESOURCE_EXHAUSTED.
+    pub max_queued_generations: usize,
+    /// Work admitted at once per model, in pixel-steps (width × height × frames × steps summed
+    /// over its running generations); a request that does not fit waits in the queue. A request
+    /// larger than the whole budget runs alone. Per model: `[[models]] admission_budget`.
+    pub admission_budget: u64,
     pub default_idle_timeout_secs: u64,
     pub max_idle_timeout_secs: u64,
     /// How often idle sessions are looked for.
@@ -77,12 +93,23 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     pub max_guidance: f32,
     pub max_labels: usize,
+    /// Bytes of one label key, of one label value, and of all of a session's keys and values.
+    pub max_label_key_bytes: usize,
+    pub max_label_value_bytes: usize,
+    pub max_labels_bytes: usize,
+    /// TaylorSeer module patterns per list, and bytes per pattern: each is compiled on the engine
+    /// thread at every start, switch and reset.
+    pub max_cache_patterns: usize,
+    pub max_cache_pattern_bytes: usize,
     /// Most frames of one video.
     pub max_video_frames: u32,
     /// Most pixels of one video (frames × width × height): bounds the VAE decode's memory.
     pub max_video_pixels: u64,
     /// Events buffered per stream before that generation pauses (backpressure on slow readers).
     pub stream_buffer: usize,
+    /// A generation whose client has read nothing for this long, with its buffer full, is
+    /// cancelled and its session and engine slot freed.
+    pub stalled_stream_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -90,6 +117,9 @@ impl Default for Limits {
         Self {
             max_sessions: 256,
             max_active_generations: 16,
+            max_queued_generations: 64,
+            // Four 1024x1024 images of 28 steps.
+            admission_budget: 4 * 1024 * 1024 * 28,
             default_idle_timeout_secs: 600,
             max_idle_timeout_secs: 24 * 3600,
             eviction_interval_ms: 1000,
@@ -98,10 +128,16 @@ impl Default for Limits {
             max_prompt_chars: 8192,
             max_guidance: 100.0,
             max_labels: 32,
+            max_label_key_bytes: 128,
+            max_label_value_bytes: 1024,
+            max_labels_bytes: 16 * 1024,
+            max_cache_patterns: 64,
+            max_cache_pattern_bytes: 256,
             max_video_frames: 129,
             // Twice CogVideoX's 49 frames at 480×720.
             max_video_pixels: 2 * 49 * 480 * 720,
             stream_buffer: 32,
+            stalled_stream_timeout_secs: 60,
         }
     }
 }
@@ -120,6 +156,7 @@ impl Default for Config {
             device: "auto".into(),
             dtype: "auto".into(),
             skip_bad_models: false,
+            shutdown_grace_secs: 30,
             limits: Limits::default(),
         }
     }
@@ -143,6 +180,7 @@ fn default_models() -> Vec<ModelEntry> {
             path,
             max_sequence_length: None,
             vae_tiling: false,
+            admission_budget: None,
         })
         .into_iter()
         .collect()
@@ -194,6 +232,9 @@ impl Config {
         if let Some(n) = args.max_sessions {
             config.limits.max_sessions = n;
         }
+        if let Some(secs) = args.shutdown_grace_secs {
+            config.shutdown_grace_secs = secs;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -223,6 +264,12 @@ impl Config {
         let l = &self.limits;
         if l.max_sessions == 0 {
             return Err(invalid("limits.max_sessions", "must be at least 1"));
+        }
+        if l.stalled_stream_timeout_secs == 0 {
+            return Err(invalid(
+                "limits.stalled_stream_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if l.max_active_generations == 0 {
             return Err(invalid(
@@ -260,6 +307,7 @@ fn parse_model_flag(flag: &str) -> Result<ModelEntry, ConfigError> {
             path: PathBuf::from(path),
             max_sequence_length: None,
             vae_tiling: false,
+            admission_budget: None,
         }),
         _ => Err(ConfigError::ModelFlag(flag.to_owned())),
     }

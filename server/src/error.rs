@@ -18,6 +18,11 @@ pub enum ServiceError {
     Cancelled,
     #[error("the inference engine has stopped")]
     EngineStopped,
+    /// The server is draining: retry on another replica.
+    #[error("the server is shutting down; retry on another replica")]
+    ShuttingDown,
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("model error: {0}")]
     Model(#[from] ModelError),
     #[error("internal error: {0}")]
@@ -34,3 +39,29 @@ impl ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Longest client value an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 64;
+
+/// A client-supplied value as error messages repeat it: at most [`MAX_ECHO_CHARS`] characters,
+/// so that a huge id or name cannot make the status itself too large to send.
+pub fn echo(value: &str) -> String {
+    match value.char_indices().nth(MAX_ECHO_CHARS) {
+        None => value.to_owned(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_values_are_truncated_on_a_char_boundary() {
+        assert_eq!(echo("abc"), "abc");
+        let long = "é".repeat(100_000);
+        let e = echo(&long);
+        assert!(e.starts_with(&"é".repeat(MAX_ECHO_CHARS)));
+        assert!(e.ends_with("… (200000 bytes)"), "{e}");
+    }
+}

@@ -24,15 +24,49 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::error!("cannot wait for Ctrl-C: {e}");
-    }
-    tracing::info!("shutting down");
-    match running.shutdown().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!("server error: {e}");
-            std::process::ExitCode::FAILURE
+            tracing::error!("cannot install signal handlers: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let signal = signals.next().await;
+    tracing::info!(signal, "shutting down");
+    tokio::select! {
+        result = running.drain() => match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("server error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        signal = signals.next() => {
+            tracing::warn!(signal, "second signal: exiting without draining");
+            std::process::ExitCode::from(130)
+        }
+    }
+}
+
+/// SIGTERM (orchestrators) and SIGINT (Ctrl-C) both start a graceful shutdown.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
 }

@@ -1,12 +1,17 @@
 //! Assembles and runs the gRPC server: the Denoiser service, health, reflection.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use denoised_proto::v1::denoiser_server::DenoiserServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
+use tonic::Status;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::api::DenoiserService;
 use crate::config::Config;
@@ -29,18 +34,80 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// How long a step already running gets to end once generations are told to stop.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long the transport gets to deliver the streams' last messages before connections are
+/// dropped (a client that does not read would otherwise hold the process).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// A server running in the background of the current Tokio runtime.
 pub struct RunningServer {
     pub addr: SocketAddr,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    engine: EngineHandle,
+    health: HealthReporter,
+    draining: Arc<AtomicBool>,
+    grace: Duration,
 }
 
 impl RunningServer {
-    /// Stops accepting requests and waits for the server task to end.
+    /// Stops accepting requests and waits (a bounded time) for open calls to end.
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         let _ = self.shutdown.send(());
-        self.task.await.unwrap_or(Ok(()))
+        close(self.task).await
+    }
+
+    /// Graceful shutdown, as on SIGTERM: health reports NOT_SERVING and new Denoiser calls get
+    /// UNAVAILABLE at once; running generations get the grace period (`shutdown_grace_secs`)
+    /// to complete, then end with UNAVAILABLE; then the transport closes, with a bounded wait
+    /// for slow readers.
+    pub async fn drain(self) -> Result<(), tonic::transport::Error> {
+        self.draining.store(true, Ordering::Release);
+        self.health
+            .set_not_serving::<DenoiserServer<DenoiserService>>()
+            .await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let running = self.engine.active_generations();
+        tracing::info!(running, grace_s = self.grace.as_secs(), "draining");
+        if !self.wait_idle(self.grace).await {
+            tracing::warn!(
+                running = self.engine.active_generations(),
+                "grace period over; stopping running generations"
+            );
+            self.engine.stop_generations();
+            self.wait_idle(STOP_WAIT).await;
+        }
+        let _ = self.shutdown.send(());
+        close(self.task).await
+    }
+
+    /// Waits up to `limit` for the engine to hold no generation; true if it got there.
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while self.engine.active_generations() > 0 {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// Waits up to [`CLOSE_WAIT`] for the transport to finish its calls, then drops the connections.
+async fn close(
+    mut task: JoinHandle<Result<(), tonic::transport::Error>>,
+) -> Result<(), tonic::transport::Error> {
+    match tokio::time::timeout(CLOSE_WAIT, &mut task).await {
+        Ok(result) => result.unwrap_or(Ok(())),
+        Err(_) => {
+            tracing::warn!("connections still open; closing them");
+            task.abort();
+            Ok(())
+        }
     }
 }
 
@@ -53,7 +120,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|_| EngineStartError::Died)??;
     let sessions = SessionStore::new(config.limits.clone());
     sessions.spawn_evictor();
-    let service = DenoiserService::new(engine, Arc::clone(&sessions), config.limits.clone());
+    let service =
+        DenoiserService::new(engine.clone(), Arc::clone(&sessions), config.limits.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -84,6 +152,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let denoiser = DenoiserServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // While draining, every Denoiser call is refused; health and reflection keep answering.
+    let draining = Arc::new(AtomicBool::new(false));
+    let refuse_while_draining = {
+        let draining = draining.clone();
+        move |req: tonic::Request<()>| {
+            if draining.load(Ordering::Acquire) {
+                Err(Status::unavailable(
+                    crate::error::ServiceError::ShuttingDown.to_string(),
+                ))
+            } else {
+                Ok(req)
+            }
+        }
+    };
+    let denoiser =
+        tonic::service::interceptor::InterceptedService::new(denoiser, refuse_while_draining);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .trace_fn(crate::telemetry::grpc_request_span)
@@ -100,5 +184,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         addr,
         shutdown: shutdown_tx,
         task,
+        engine,
+        health: health_reporter,
+        draining,
+        grace: Duration::from_secs(config.shutdown_grace_secs),
     })
 }

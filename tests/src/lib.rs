@@ -79,6 +79,7 @@ impl TestServer {
                 path: tiny_model_dir(),
                 max_sequence_length: Some(16),
                 vae_tiling: false,
+                admission_budget: None,
             }],
             device: "cpu".into(),
             dtype: "float32".into(),
@@ -96,17 +97,30 @@ impl TestServer {
 }
 
 /// The `denoised-cli` binary of this checkout, built by cargo if it is missing or stale.
-///
-/// A package's tests only get its own binaries, so this asks cargo for the client's, with the
-/// profile of this test and the features `cargo test --workspace` resolves (by building the
-/// client's `cli` test, which needs the binary): under that command, as in `make test`, there
-/// is nothing left to build.
 pub fn cli_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(build_cli).clone()
+    workspace_binaries().cli.clone()
 }
 
-fn build_cli() -> PathBuf {
+/// The `denoised` server binary of this checkout, built by cargo if it is missing or stale.
+pub fn server_binary() -> PathBuf {
+    workspace_binaries().server.clone()
+}
+
+struct Binaries {
+    server: PathBuf,
+    cli: PathBuf,
+}
+
+/// A package's tests only get its own binaries, so this asks cargo for the client's and the
+/// server's, with the profile of this test and the features `cargo test --workspace` resolves (by
+/// building tests that need them: the client's `cli`, the server's `parity_flux`): under that
+/// command, as in `make test`, there is nothing left to build.
+fn workspace_binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(build_binaries)
+}
+
+fn build_binaries() -> Binaries {
     // This test runs from target/<profile dir>/deps/.
     let exe = std::env::current_exe().expect("the test's path");
     let profile = exe
@@ -122,6 +136,8 @@ fn build_cli() -> PathBuf {
         "--no-run",
         "--test",
         "cli",
+        "--test",
+        "parity_flux",
         "--message-format=json",
     ]);
     match profile {
@@ -136,13 +152,116 @@ fn build_cli() -> PathBuf {
     let output = cargo.output().expect("run cargo");
     assert!(
         output.status.success(),
-        "building denoised-cli failed: {}",
+        "building the workspace binaries failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "denoised-cli")
-        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reports the denoised-cli executable")
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let executable = |name: &str| {
+        messages
+            .iter()
+            .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+            .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+            .unwrap_or_else(|| panic!("cargo reports the {name} executable"))
+    };
+    Binaries {
+        server: executable("denoised"),
+        cli: executable("denoised-cli"),
+    }
+}
+
+/// A `denoised` server process on a free loopback port, serving the tiny model; killed when
+/// dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+}
+
+impl ServerProcess {
+    /// Starts `binary` from `cwd` with an empty environment and `extra` arguments, and waits (30 s
+    /// at most) until it logs where it listens.
+    pub fn spawn(binary: &Path, cwd: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary)
+            .current_dir(cwd)
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .args(["--listen", "127.0.0.1:0", "--device", "cpu", "--model"])
+            .arg(format!("{MODEL}={}", tiny_model_dir().display()))
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let addr = listening_address(child.stderr.take().expect("piped stderr"));
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends `signal` (e.g. `TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code (`None`: still running).
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the server's log until it says where it listens; keeps draining it after (and echoes
+/// its warnings and errors, for test output).
+fn listening_address(stderr: std::process::ChildStderr) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("denoised listening") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("server: {line}");
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the server reports its address within 30 s");
+    let at = line.find("127.0.0.1:").expect("a loopback address");
+    let addr: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    let _: std::net::SocketAddr = addr.parse().expect("an address");
+    addr
 }

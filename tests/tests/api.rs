@@ -465,6 +465,7 @@ async fn bad_input_gets_clear_statuses_and_the_server_carries_on() {
 async fn the_generation_limit_refuses_with_resource_exhausted() {
     let server = TestServer::start_with(|c| {
         c.limits.max_active_generations = 1;
+        c.limits.max_queued_generations = 0;
         // The running generation waits for its reader, so it holds the one slot until dropped.
         c.limits.stream_buffer = 1;
     })
@@ -611,4 +612,69 @@ async fn a_libtorch_failure_ends_only_its_own_stream() {
     assert!(run.completed.is_some(), "{:?}", run.error);
     server.stop().await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_events_carry_the_module_decision_record_when_asked() {
+    use denoised_client::{ForwardRows, ModuleDecision};
+    let server = TestServer::start().await;
+    let client = Client::connect(server.url.clone()).await.unwrap();
+    // A threshold no relative change reaches: every step after the first skips all blocks but
+    // the first.
+    let fbc = CacheConfig::parse("fbc:threshold=10").unwrap();
+    let stream = client
+        .generate_once(
+            MODEL,
+            fbc.clone(),
+            request(4, 1).record_module_decisions(true),
+        )
+        .await
+        .unwrap();
+    let steps = collect(stream).await.steps;
+    assert_eq!(steps.len(), 4);
+    for step in &steps {
+        let c = &step.cache;
+        let forwards = c.modules.as_ref().expect("the record was asked for");
+        assert_eq!(forwards.len(), 1, "one conditional call per step");
+        let f = &forwards[0];
+        assert_eq!(f.rows, ForwardRows::Cond);
+        assert_eq!(f.forward, ModuleDecision::Computed);
+        assert_eq!(f.blocks.len() as u32, c.blocks.total());
+        assert_eq!(f.attention.len(), f.blocks.len());
+        // The record and the step's counts tell the same story.
+        let count = |d: &[ModuleDecision], which| d.iter().filter(|&&x| x == which).count() as u32;
+        assert_eq!(
+            count(&f.blocks, ModuleDecision::Computed),
+            c.blocks.computed
+        );
+        assert_eq!(count(&f.blocks, ModuleDecision::Skipped), c.blocks.skipped);
+        assert_eq!(
+            count(&f.attention, ModuleDecision::Computed),
+            c.attention.computed
+        );
+        assert_eq!(f.output_projection, ModuleDecision::Computed);
+        if step.index == 0 {
+            assert!(c.full_compute);
+            assert!(f.blocks.iter().all(|&d| d == ModuleDecision::Computed));
+        } else {
+            // Which blocks ran: the first; the rest were skipped and their attention not asked.
+            assert_eq!(f.blocks[0], ModuleDecision::Computed);
+            assert_eq!(f.attention[0], ModuleDecision::Computed);
+            assert!(f.blocks[1..].iter().all(|&d| d == ModuleDecision::Skipped));
+            assert!(f.attention[1..]
+                .iter()
+                .all(|&d| d == ModuleDecision::NotRun));
+        }
+    }
+    // Off by default: no bytes spent.
+    let stream = client
+        .generate_once(MODEL, fbc, request(2, 1))
+        .await
+        .unwrap();
+    assert!(collect(stream)
+        .await
+        .steps
+        .iter()
+        .all(|s| s.cache.modules.is_none()));
+    server.stop().await;
 }

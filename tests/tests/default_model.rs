@@ -76,6 +76,7 @@ async fn default_model_draws_the_prompt() {
             path: model_dir,
             max_sequence_length: None,
             vae_tiling: false,
+            admission_budget: None,
         }],
         device: "cpu".into(),
         ..Config::default()

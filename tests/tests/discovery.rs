@@ -68,6 +68,7 @@ async fn a_broken_model_is_refused_or_skipped() {
         path: broken.clone(),
         max_sequence_length: None,
         vae_tiling: false,
+        admission_budget: None,
     };
 
     let mut config = denoised_server::config::Config {

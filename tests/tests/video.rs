@@ -1,7 +1,8 @@
 //! End to end on a video model: a real server on 127.0.0.1:0 serving the tiny random CogVideoX
 //! pipeline, driven through the client crate.
 use denoised_client::{
-    CacheConfig, CacheKind, Client, Event, GenerateRequest, Modality, StepEvent, VideoFormat,
+    CacheConfig, CacheKind, Client, Event, ForwardRows, GenerateRequest, Modality, ModuleDecision,
+    StepEvent, VideoFormat,
 };
 use denoised_server::config::ModelEntry;
 use denoised_tests::{tiny_video_model_dir, TestServer};
@@ -18,6 +19,7 @@ async fn server() -> TestServer {
             path: tiny_video_model_dir(),
             max_sequence_length: None,
             vae_tiling: false,
+            admission_budget: None,
         });
         c.limits.stream_buffer = 1;
     })
@@ -125,7 +127,10 @@ async fn switch_and_reset_mid_video_generation_show_in_the_next_step() {
     let server = server().await;
     let client = Client::connect(server.url.clone()).await.unwrap();
     let session = client.create_session(VIDEO_MODEL).await.unwrap();
-    let mut stream = session.generate(request(12)).await.unwrap();
+    let mut stream = session
+        .generate(request(12).record_module_decisions(true))
+        .await
+        .unwrap();
     let (mut steps, mut switched_at, mut reset_at) = (Vec::<StepEvent>::new(), None, None);
     while let Some(event) = stream.next().await {
         if let Event::Step(step) = event.unwrap() {
@@ -166,6 +171,28 @@ async fn switch_and_reset_mid_video_generation_show_in_the_next_step() {
         steps[switch..].iter().any(|s| !s.cache.full_compute),
         "FasterCache approximated nothing"
     );
+    // The per-module record shows how: one batched call for both halves while it computes, else
+    // a conditional call and an unconditional half rebuilt without a call.
+    let rows = |s: &StepEvent| -> Vec<(ForwardRows, ModuleDecision)> {
+        let forwards = s.cache.modules.as_ref().expect("the record was asked for");
+        forwards.iter().map(|f| (f.rows, f.forward)).collect()
+    };
+    let batched = vec![(ForwardRows::Both, ModuleDecision::Computed)];
+    assert!(steps[..switch].iter().all(|s| rows(s) == batched));
+    let rebuilt = vec![
+        (ForwardRows::Cond, ModuleDecision::Computed),
+        (ForwardRows::Uncond, ModuleDecision::Predicted),
+    ];
+    assert!(steps[switch..].iter().any(|s| rows(s) == rebuilt));
+    for s in &steps {
+        let calls = s.cache.modules.as_ref().unwrap();
+        let blocks: usize = calls.iter().map(|f| f.blocks.len()).sum();
+        assert_eq!(blocks as u32, s.cache.blocks.total());
+        assert!(calls
+            .iter()
+            .filter(|f| f.forward == ModuleDecision::Predicted)
+            .all(|f| f.blocks.is_empty()));
+    }
     server.stop().await;
 }
 

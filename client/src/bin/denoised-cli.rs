@@ -179,6 +179,10 @@ struct GenerateArgs {
     /// line before the summary's).
     #[arg(long)]
     events: bool,
+    /// With --events: also print each transformer call's per-block decisions (C computed,
+    /// R reused, P predicted, S skipped, `.` not run).
+    #[arg(long)]
+    module_decisions: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -409,6 +413,9 @@ async fn generate(client: &Client, args: GenerateArgs) -> anyhow::Result<()> {
     if args.frames_dir.is_some() {
         request = request.return_frames(true);
     }
+    if args.module_decisions {
+        request = request.record_module_decisions(true);
+    }
 
     let wall = Instant::now();
     let stream = match &session {
@@ -543,13 +550,19 @@ async fn drive(
 fn print_step(step: &StepEvent, progress: &ProgressBar, events: Events) {
     let line = match events {
         Events::Off => return,
-        Events::Text => format!(
-            "step {}/{}: {} ({:.1} ms)",
-            step.index + 1,
-            step.total,
-            step.cache,
-            step.step_time.as_secs_f64() * 1e3
-        ),
+        Events::Text => {
+            let mut line = format!(
+                "step {}/{}: {} ({:.1} ms)",
+                step.index + 1,
+                step.total,
+                step.cache,
+                step.step_time.as_secs_f64() * 1e3
+            );
+            for forward in step.cache.modules.iter().flatten() {
+                line.push_str(&format!("\n  {forward}"));
+            }
+            line
+        }
         Events::Json => {
             let c = &step.cache;
             serde_json::json!({
@@ -567,6 +580,9 @@ fn print_step(step: &StepEvent, progress: &ProgressBar, events: Events) {
                 "blocks_total": c.blocks.total(),
                 "cache_state_bytes": c.cache_state_bytes,
                 "step_ms": step.step_time.as_secs_f64() * 1e3,
+                "modules": c.modules.as_ref().map(|m| {
+                    m.iter().map(ToString::to_string).collect::<Vec<_>>()
+                }),
             })
             .to_string()
         }

@@ -2,6 +2,8 @@
 //! generations to the engine. Handlers never touch tensors; only this module (and the server
 //! assembly) knows the wire types, and [`convert`] is where they meet the domain.
 pub mod convert;
+#[cfg(test)]
+mod fuzz;
 mod validate;
 
 use std::collections::HashMap;
@@ -17,7 +19,7 @@ use tracing::Instrument;
 
 use crate::config::Limits;
 use crate::engine::{EngineHandle, Job};
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{echo, ServiceError, ServiceResult};
 use crate::session::{NewSession, SessionStore};
 use convert::cache::cache_config;
 
@@ -44,7 +46,11 @@ impl DenoiserService {
         }
     }
 
-    fn generate_stream(&self, req: pb::GenerateRequest) -> ServiceResult<GenerateStream> {
+    fn generate_stream(
+        &self,
+        req: pb::GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> ServiceResult<GenerateStream> {
         let received = Instant::now();
         // Either an open session, or an ephemeral one from the inline model + cache.
         let (session, served) = if !req.session_id.is_empty() {
@@ -78,7 +84,7 @@ impl DenoiserService {
             Some(s) => s,
             None => self.sessions.create(NewSession {
                 model: model.clone(),
-                cache: cache_config(req.cache.as_ref(), "cache")?,
+                cache: cache_config(req.cache.as_ref(), "cache", &self.limits)?,
                 idle_timeout: None,
                 labels: HashMap::from([("ephemeral".to_owned(), "true".to_owned())]),
                 ephemeral: true,
@@ -87,24 +93,47 @@ impl DenoiserService {
         let guard = self.sessions.begin_generation(&session)?;
         let generation_id = uuid::Uuid::new_v4().to_string();
         let span = tracing::info_span!("generation", %generation_id, session_id = %session.id, model = %model);
-        let (tx, rx) = tokio::sync::mpsc::channel(self.engine.stream_buffer());
+        // One slot beyond the buffer stays free for the last event (see `Running::flush`).
+        let (tx, rx) = tokio::sync::mpsc::channel(self.engine.stream_buffer() + 1);
         self.engine.submit(Job {
             generation_id,
             guard,
             model: model.clone(),
             request: resolved.request,
             preview: resolved.preview,
+            record_modules: resolved.record_modules,
             output_format: resolved.output_format,
             video: resolved.video,
             events: tx,
             span,
             received,
+            deadline,
         })?;
         Ok(Box::pin(ReceiverStream::new(rx).map(convert::event)))
     }
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+/// The call's `grpc-timeout` header (gRPC over HTTP/2: an integer of up to 8 digits and a unit,
+/// H M S m u n), if present and well formed.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Runs a handler body, logging failures at the level they deserve and mapping them to a status.
 fn respond<T>(result: ServiceResult<T>) -> Result<Response<T>, Status> {
@@ -145,13 +174,13 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         req: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let req = req.into_inner();
-        tracing::Span::current().record("model", req.model.as_str());
+        tracing::Span::current().record("model", echo(&req.model));
         respond((|| {
             if req.model.is_empty() {
                 return Err(ServiceError::invalid("model", "required"));
             }
             self.engine.model(&req.model)?;
-            let cache = cache_config(req.cache.as_ref(), "cache")?;
+            let cache = cache_config(req.cache.as_ref(), "cache", &self.limits)?;
             let idle_timeout = (req.idle_timeout_seconds > 0)
                 .then(|| Duration::from_secs(req.idle_timeout_seconds as u64));
             let session = self.sessions.create(NewSession {
@@ -166,7 +195,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         })())
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    #[tracing::instrument(skip_all, fields(session_id = %echo(&req.get_ref().session_id)))]
     async fn get_session(
         &self,
         req: Request<pb::GetSessionRequest>,
@@ -194,7 +223,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    #[tracing::instrument(skip_all, fields(session_id = %echo(&req.get_ref().session_id)))]
     async fn close_session(
         &self,
         req: Request<pb::CloseSessionRequest>,
@@ -213,14 +242,17 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
+        // A streaming call's deadline bounds the whole generation, not only its first message.
+        let deadline = grpc_timeout(req.metadata()).map(|t| Instant::now() + t);
         let req = req.into_inner();
-        let span = tracing::info_span!("generate_request", session_id = %req.session_id, model = %req.model);
-        async { respond(self.generate_stream(req)) }
+        let span = tracing::info_span!("generate_request", session_id = %echo(&req.session_id),
+            model = %echo(&req.model));
+        async { respond(self.generate_stream(req, deadline)) }
             .instrument(span)
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    #[tracing::instrument(skip_all, fields(session_id = %echo(&req.get_ref().session_id)))]
     async fn set_cache_strategy(
         &self,
         req: Request<pb::SetCacheStrategyRequest>,
@@ -228,7 +260,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         let req = req.into_inner();
         respond((|| {
             let session = self.sessions.get(self.session_id(&req.session_id)?)?;
-            let config = cache_config(req.cache.as_ref(), "cache")?;
+            let config = cache_config(req.cache.as_ref(), "cache", &self.limits)?;
             tracing::info!(
                 strategy = config.kind().name(),
                 running = session.is_generating(),
@@ -239,7 +271,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         })())
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    #[tracing::instrument(skip_all, fields(session_id = %echo(&req.get_ref().session_id)))]
     async fn reset_cache(
         &self,
         req: Request<pb::ResetCacheRequest>,
@@ -255,7 +287,7 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
         )
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %req.get_ref().session_id))]
+    #[tracing::instrument(skip_all, fields(session_id = %echo(&req.get_ref().session_id)))]
     async fn cancel_generation(
         &self,
         req: Request<pb::CancelGenerationRequest>,
@@ -268,5 +300,27 @@ impl pb::denoiser_server::Denoiser for DenoiserService {
                     cancelled: s.cancel(),
                 }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_spells_them() {
+        let timeout = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["S", "5", "5x", "123456789S", "-1S"] {
+            assert_eq!(timeout(bad), None, "{bad}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

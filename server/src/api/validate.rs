@@ -14,6 +14,7 @@ use crate::error::{ServiceError, ServiceResult};
 pub struct ResolvedRequest {
     pub request: GenerationRequest,
     pub preview: PreviewPlan,
+    pub record_modules: bool,
     pub output_format: ImageFormat,
     /// Video models only.
     pub video: Option<VideoPlan>,
@@ -112,6 +113,7 @@ pub fn resolve_generate(
             format: preview_format,
             max_edge: preview.max_edge,
         },
+        record_modules: req.record_module_decisions,
         output_format,
         video,
     })
@@ -235,12 +237,12 @@ fn random_seed() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use tch::{Device, Kind};
 
     use super::*;
 
-    fn model() -> ServedModel {
+    pub(in crate::api) fn model() -> ServedModel {
         ServedModel {
             name: "m".into(),
             card: ModelCard {
@@ -268,7 +270,7 @@ mod tests {
         }
     }
 
-    fn video_model() -> ServedModel {
+    pub(in crate::api) fn video_model() -> ServedModel {
         let mut m = model();
         m.card.video = Some(crate::dit::pipeline::VideoCard {
             default_frames: 9,

@@ -20,7 +20,7 @@ mod faster_cache;
 mod first_block;
 mod mag_cache;
 mod pab;
-mod taylor_seer;
+pub mod taylor_seer;
 
 use tch::Tensor;
 

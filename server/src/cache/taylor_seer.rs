@@ -105,8 +105,13 @@ impl Patterns {
 }
 
 /// Python's `re.fullmatch(pattern, name)`.
-fn fullmatch(pattern: &str, field: &str) -> ServiceResult<Regex> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| ServiceError::invalid(field, e.to_string()))
+/// A module pattern as diffusers applies it (`re.fullmatch`). The compiled size is capped so that
+/// a short pattern with huge repetition counts is refused instead of compiled at length.
+pub fn fullmatch(pattern: &str, field: &str) -> ServiceResult<Regex> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| ServiceError::invalid(field, e.to_string()))
 }
 
 #[derive(Debug)]

@@ -255,9 +255,60 @@ impl ModuleCounts {
     }
 }
 
+/// What happened to one module call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionKind {
+    Computed,
+    Reused,
+    Predicted,
+    Skipped,
+}
+
+impl ModuleCounts {
+    /// The decision recorded since `earlier`, when exactly one was.
+    fn single_since(&self, earlier: &ModuleCounts) -> Option<DecisionKind> {
+        let d = self.since(earlier);
+        match (d.total(), d.computed, d.reused, d.predicted) {
+            (1, 1, _, _) => Some(DecisionKind::Computed),
+            (1, _, 1, _) => Some(DecisionKind::Reused),
+            (1, _, _, 1) => Some(DecisionKind::Predicted),
+            (1, _, _, _) => Some(DecisionKind::Skipped),
+            _ => None,
+        }
+    }
+}
+
+/// Which samples one transformer call ran for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardRows {
+    Cond,
+    Uncond,
+    /// Both CFG halves in one batch.
+    BothCfg,
+}
+
+/// One block's decision, and its attention module's when the block ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDecision {
+    pub block: DecisionKind,
+    /// `None` when the block did not run (its attention was never asked).
+    pub attention: Option<DecisionKind>,
+}
+
+/// Per-module decisions of one transformer call, in the order it ran its blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardDecisions {
+    pub rows: ForwardRows,
+    pub forward: DecisionKind,
+    /// Empty when the forward did not run.
+    pub blocks: Vec<BlockDecision>,
+    /// `None` when the forward did not run.
+    pub output_projection: Option<DecisionKind>,
+}
+
 /// What the cache did during one denoising step (all CFG branches together). The transformer
 /// records every decision it receives here.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct StepStats {
     pub forwards: ModuleCounts,
     pub blocks: ModuleCounts,
@@ -268,9 +319,79 @@ pub struct StepStats {
     /// it knows the module's kind and the shapes it was called with; forwards that did not run
     /// at all are costed by the pipeline from `forwards`.
     pub macs_not_run: f64,
+    /// Per-module decisions, when asked for ([`StepStats::recording`]); `None` costs nothing.
+    pub record: Option<Vec<ForwardDecisions>>,
 }
 
 impl StepStats {
+    /// Stats that also keep the per-module record.
+    pub fn recording(on: bool) -> Self {
+        Self {
+            record: on.then(Vec::new),
+            ..Self::default()
+        }
+    }
+
+    /// A transformer call begins (before its forward decision is asked).
+    pub fn note_forward_start(&mut self, ctx: &ForwardContext) {
+        if let Some(record) = &mut self.record {
+            record.push(ForwardDecisions {
+                rows: match (ctx.batched_cfg, ctx.branch) {
+                    (true, _) => ForwardRows::BothCfg,
+                    (false, Branch::Cond) => ForwardRows::Cond,
+                    (false, Branch::Uncond) => ForwardRows::Uncond,
+                },
+                forward: DecisionKind::Computed,
+                blocks: Vec::new(),
+                output_projection: None,
+            });
+        }
+    }
+
+    /// The call's forward decision was resolved; `before` are the forward counts before it.
+    pub fn note_forward(&mut self, before: &ModuleCounts) {
+        let kind = self.forwards.single_since(before);
+        if let (Some(last), Some(kind)) = (self.last_forward(), kind) {
+            last.forward = kind;
+        }
+    }
+
+    /// A block was resolved; `blocks` and `attention` are the counts from before it.
+    pub fn note_block(&mut self, blocks: &ModuleCounts, attention: &ModuleCounts) {
+        let block = self.blocks.single_since(blocks);
+        let attention = self.attention.single_since(attention);
+        if let (Some(last), Some(block)) = (self.last_forward(), block) {
+            last.blocks.push(BlockDecision { block, attention });
+        }
+    }
+
+    /// The output projection was resolved; `before` are its counts from before it.
+    pub fn note_output_projection(&mut self, before: &ModuleCounts) {
+        let kind = self.output_projection.single_since(before);
+        if let Some(last) = self.last_forward() {
+            last.output_projection = kind;
+        }
+    }
+
+    /// A batched-CFG call ran the conditional half only and the strategy rebuilt the other.
+    pub fn note_uncond_rebuilt(&mut self) {
+        if let Some(record) = &mut self.record {
+            if let Some(last) = record.last_mut() {
+                last.rows = ForwardRows::Cond;
+            }
+            record.push(ForwardDecisions {
+                rows: ForwardRows::Uncond,
+                forward: DecisionKind::Predicted,
+                blocks: Vec::new(),
+                output_projection: None,
+            });
+        }
+    }
+
+    fn last_forward(&mut self) -> Option<&mut ForwardDecisions> {
+        self.record.as_mut().and_then(|r| r.last_mut())
+    }
+
     /// True when every block and the whole forward ran in full.
     pub fn full_compute(&self) -> bool {
         self.blocks.computed == self.blocks.total()

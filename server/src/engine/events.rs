@@ -1,6 +1,6 @@
 //! What a generation tells its client, as domain values; `api/` maps them to the wire.
 use crate::cache::{CacheConfig, CacheKind};
-use crate::dit::hooks::ModuleCounts;
+use crate::dit::hooks::{ForwardDecisions, ModuleCounts};
 use crate::dit::request::{GenerationRequest, VideoPlan};
 use crate::error::ServiceError;
 use crate::media::{EncodedImage, EncodedVideo};
@@ -54,6 +54,8 @@ pub struct CacheActivity {
     pub cache_state_bytes: u64,
     pub strategy_switched: bool,
     pub cache_reset: bool,
+    /// The per-module record, when the request asked for it.
+    pub modules: Option<Vec<ForwardDecisions>>,
 }
 
 #[derive(Debug, Clone)]

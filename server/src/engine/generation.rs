@@ -1,12 +1,14 @@
 //! One running generation on the engine thread: its [`Denoise`] (pipeline state and the session's
 //! cache strategy), the events waiting for its client, and its timings.
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::events::{self, CacheActivity, Event};
 use super::model::LoadedModel;
 use super::run::{guarded, CacheChange, Denoise, StepReport};
-use super::Job;
+use super::{EngineShared, Job};
 use crate::dit::pipeline::Frames;
 use crate::error::{ServiceError, ServiceResult};
 use crate::media::{encode_image, encode_video, frames_strip, EncodedImage};
@@ -21,27 +23,43 @@ pub(super) struct Running {
     /// Set once the last event (Completed or an error) is queued.
     done: bool,
     denoise_started: Instant,
+    /// The engine's count of admitted generations holds a place for this one until
+    /// [`Running::release`].
+    shared: Arc<EngineShared>,
+    holds_slot: bool,
+    /// Since when the client's buffer has been full with events still waiting.
+    blocked_since: Option<Instant>,
+    /// Engine time spent on this generation's steps.
+    served: Duration,
 }
 
-pub(super) struct TurnOutcome {
-    pub progressed: bool,
-    /// The generation is over (completed, failed, cancelled, or its client left): drop it.
-    pub finished: bool,
+/// Ends a generation that never ran: frees its session and engine slot, then tells the client.
+pub(super) fn refuse(mut job: Job, shared: &EngineShared, error: ServiceError) {
+    job.guard.release();
+    shared.active.fetch_sub(1, Ordering::AcqRel);
+    let _ = job.events.try_send(Err(error));
 }
 
 impl Running {
     /// Encodes the prompt and draws the noise. On failure the error goes to the client and
     /// nothing is kept.
-    pub(super) fn start(job: Job, model_index: usize, model: &LoadedModel) -> Option<Self> {
+    pub(super) fn start(
+        mut job: Job,
+        model_index: usize,
+        model: &LoadedModel,
+        shared: &Arc<EngineShared>,
+    ) -> Option<Self> {
         let _span = job.span.clone().entered();
         let session = job.guard.session();
         let denoise = match Denoise::start(model.pipeline.as_ref(), &job.request, session.cache()) {
-            Ok(d) => d,
+            Ok(d) => d.recording_modules(job.record_modules),
             Err(e) => {
-                let _ = job.events.try_send(Err(e));
+                refuse(job, shared, e);
                 return None;
             }
         };
+        job.guard.mark_started();
+        let session = job.guard.session();
         let started = events::Started {
             generation_id: job.generation_id.clone(),
             session_id: session.id.clone(),
@@ -61,61 +79,135 @@ impl Running {
             outbox: VecDeque::from([Ok(Event::Started(Box::new(started)))]),
             done: false,
             denoise_started: Instant::now(),
+            shared: shared.clone(),
+            holds_slot: true,
+            blocked_since: None,
+            served: Duration::ZERO,
         })
     }
 
-    /// Gives this generation its turn: deliver queued events, then run one step if the client
-    /// has caught up.
-    pub(super) fn turn(&mut self, model: &LoadedModel) -> TurnOutcome {
-        if self.job.events.is_closed() {
-            // The client dropped the stream: cancel, dropping the cached state with `self`.
-            tracing::info!(generation_id = %self.job.generation_id, "client went away; generation cancelled");
-            return TurnOutcome {
-                progressed: true,
-                finished: true,
-            };
-        }
-        let flushed = self.flush();
-        if !self.outbox.is_empty() {
-            return TurnOutcome {
-                progressed: flushed,
-                finished: false,
-            };
-        }
-        if self.done {
-            return TurnOutcome {
-                progressed: flushed,
-                finished: true,
-            };
-        }
-        if self.job.guard.session().is_cancelled() {
-            self.outbox.push_back(Err(ServiceError::Cancelled));
-            self.done = true;
-        } else if let Err(e) = self.step(model) {
-            self.outbox.push_back(Err(e));
-            self.done = true;
-        }
-        self.flush();
-        TurnOutcome {
-            progressed: true,
-            finished: self.done && self.outbox.is_empty(),
+    /// Frees the session and the engine slot (idempotent): before the last event goes out, so
+    /// that a client that saw the end, however it ended, can start its next generation at once.
+    fn release(&mut self) {
+        self.job.guard.release();
+        if std::mem::take(&mut self.holds_slot) {
+            self.shared.active.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    fn flush(&mut self) -> bool {
-        let mut sent = false;
+    /// Delivers queued events and ends the generation if it was interrupted. Returns whether
+    /// the generation is over (completed, failed, cancelled, or its client left): drop it then.
+    pub(super) fn service(&mut self, model: &LoadedModel) -> bool {
+        if self.job.events.is_closed() {
+            // The client dropped the stream: cancel, dropping the cached state with `self`.
+            tracing::info!(generation_id = %self.job.generation_id, "client went away; generation cancelled");
+            return true;
+        }
+        self.flush();
+        if !self.done {
+            if let Some(error) = self.interruption(model) {
+                // Events not yet handed to the stream are moot now; those already in it arrive
+                // before the error.
+                self.outbox.clear();
+                self.finish(error);
+            }
+        }
+        self.done && self.outbox.is_empty()
+    }
+
+    /// Can run its next step: not over, and its client has caught up.
+    pub(super) fn ready(&self) -> bool {
+        !self.done && self.outbox.is_empty()
+    }
+
+    /// Its size for admission, in pixel-steps.
+    pub(super) fn cost(&self) -> u64 {
+        super::cost(&self.job.request)
+    }
+
+    /// Engine time this generation's steps have taken so far (the scheduler's fairness measure).
+    pub(super) fn served(&self) -> Duration {
+        self.served
+    }
+
+    /// Counts as having been served `at_least`: a newcomer starts level with the least-served
+    /// running generation, instead of owning the engine until it has caught up with them all.
+    pub(super) fn level_with(&mut self, at_least: Duration) {
+        self.served = self.served.max(at_least);
+    }
+
+    /// Runs one step (a [`ready`](Self::ready) generation) and queues its events.
+    pub(super) fn advance(&mut self, model: &LoadedModel) {
+        let started = Instant::now();
+        match self.step(model) {
+            Ok(()) => {
+                self.flush();
+            }
+            Err(e) => self.finish(e),
+        }
+        self.served += started.elapsed();
+    }
+
+    /// Why the generation must end before its next step, if it must: cancelled, the server is
+    /// shutting down, the call's deadline passed, or its client stopped reading.
+    fn interruption(&self, model: &LoadedModel) -> Option<ServiceError> {
+        if self.job.guard.session().is_cancelled() {
+            return Some(ServiceError::Cancelled);
+        }
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Some(ServiceError::ShuttingDown);
+        }
+        if self.job.deadline.is_some_and(|d| Instant::now() >= d) {
+            let steps = self.denoise.progress(model.pipeline.as_ref()).step_index;
+            return Some(ServiceError::DeadlineExceeded(format!(
+                "the call's deadline passed after {steps} steps; generation cancelled"
+            )));
+        }
+        let timeout = self.shared.stalled_stream_timeout;
+        if self.blocked_since.is_some_and(|t| t.elapsed() >= timeout) {
+            let secs = timeout.as_secs();
+            tracing::warn!(generation_id = %self.job.generation_id,
+                "client read nothing for {secs} s; generation cancelled");
+            return Some(ServiceError::DeadlineExceeded(format!(
+                "the client read no event for {secs} s (limits.stalled_stream_timeout_secs); \
+                 generation cancelled"
+            )));
+        }
+        None
+    }
+
+    /// Queues `error` as the last event, in place of whatever was still to come, and sends it.
+    fn finish(&mut self, error: ServiceError) {
+        self.outbox.push_back(Err(error));
+        self.done = true;
+        self.flush();
+    }
+
+    /// Sends queued events while the client's buffer has room. The channel has one slot more
+    /// than the buffer, which only the last event may take: however far behind the client is,
+    /// the way its stream ended can always be queued for it.
+    fn flush(&mut self) {
         while let Some(ev) = self.outbox.pop_front() {
+            let last = self.done && self.outbox.is_empty();
+            if !last && self.job.events.capacity() <= 1 {
+                self.outbox.push_front(ev);
+                self.blocked_since.get_or_insert_with(Instant::now);
+                break;
+            }
+            if last {
+                self.release();
+            }
             match self.job.events.try_send(ev) {
-                Ok(()) => sent = true,
+                Ok(()) => self.blocked_since = None,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(ev)) => {
                     self.outbox.push_front(ev);
+                    self.blocked_since.get_or_insert_with(Instant::now);
                     break;
                 }
                 // Receiver gone: the next turn sees it closed.
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
-        sent
     }
 
     /// Applies the switch / reset requested since the last step (a switch wins over a reset).
@@ -226,6 +318,14 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// However the generation ends (also when its client went away), its session and slot are
+    /// freed.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Frames in a video step preview.
 const PREVIEW_STRIP_FRAMES: usize = 8;
 
@@ -259,6 +359,7 @@ fn step_event(
             cache_state_bytes: report.state_bytes,
             strategy_switched: report.switched,
             cache_reset: report.reset,
+            modules: report.stats.record.clone(),
         },
         step_ms: ms(report.elapsed),
         preview,

@@ -13,13 +13,13 @@ pub mod model;
 pub mod run;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
 use crate::dit::request::{GenerationRequest, ImageFormat, PreviewPlan, VideoPlan};
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{echo, ServiceError, ServiceResult};
 use crate::session::GenerationGuard;
 pub use events::EventSender;
 use generation::Running;
@@ -34,6 +34,8 @@ pub struct Job {
     pub model: String,
     pub request: GenerationRequest,
     pub preview: PreviewPlan,
+    /// Step events carry the per-module decision record.
+    pub record_modules: bool,
     pub output_format: ImageFormat,
     /// Video models: how the video is returned.
     pub video: Option<VideoPlan>,
@@ -41,6 +43,19 @@ pub struct Job {
     /// The request's span: step spans are its children.
     pub span: tracing::Span,
     pub received: Instant,
+    /// The call's deadline (`grpc-timeout`): past it the generation ends DEADLINE_EXCEEDED.
+    pub deadline: Option<Instant>,
+}
+
+/// What the async side and the engine thread share.
+#[derive(Debug)]
+pub(crate) struct EngineShared {
+    /// Generations admitted (queued or running); each holds one until it is released.
+    pub active: AtomicUsize,
+    /// Shutdown: running generations end with UNAVAILABLE at their next turn.
+    pub stopping: AtomicBool,
+    /// See [`Limits::stalled_stream_timeout_secs`](crate::config::Limits).
+    pub stalled_stream_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +73,9 @@ pub enum EngineStartError {
 pub struct EngineHandle {
     jobs: mpsc::Sender<Job>,
     models: Arc<Vec<ServedModel>>,
-    active: Arc<AtomicUsize>,
+    shared: Arc<EngineShared>,
     max_active: usize,
+    max_queued: usize,
     stream_buffer: usize,
 }
 
@@ -72,14 +88,21 @@ impl EngineHandle {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let entries = config.models.clone();
         let skip_bad = config.skip_bad_models;
-        let active = Arc::new(AtomicUsize::new(0));
-        let active_in_thread = active.clone();
+        let default_budget = config.limits.admission_budget;
+        let max_running = config.limits.max_active_generations;
+        let shared = Arc::new(EngineShared {
+            active: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            stalled_stream_timeout: Duration::from_secs(config.limits.stalled_stream_timeout_secs),
+        });
+        let shared_in_thread = shared.clone();
         std::thread::Builder::new()
             .name("denoised-engine".into())
             .spawn(move || {
                 // Grad mode is thread-local: inference never records autograd graphs here.
                 let _no_grad = tch::no_grad_guard();
                 let mut models = Vec::new();
+                let mut budgets = Vec::new();
                 for entry in &entries {
                     let started = Instant::now();
                     match LoadedModel::load(entry, device, kind) {
@@ -87,6 +110,7 @@ impl EngineHandle {
                             tracing::info!(model = %entry.name, path = %entry.path.display(),
                                 load_ms = started.elapsed().as_millis() as u64, "model loaded");
                             models.push(m);
+                            budgets.push(entry.admission_budget.unwrap_or(default_budget));
                         }
                         Err(e) if skip_bad => {
                             tracing::error!(model = %entry.name, error = %e, "model skipped: failed to load");
@@ -106,9 +130,12 @@ impl EngineHandle {
                 }
                 Engine {
                     models,
+                    budgets,
                     jobs: jobs_rx,
-                    running: VecDeque::new(),
-                    active: active_in_thread,
+                    waiting: VecDeque::new(),
+                    running: Vec::new(),
+                    max_running,
+                    shared: shared_in_thread,
                 }
                 .run();
             })
@@ -117,8 +144,9 @@ impl EngineHandle {
         Ok(Self {
             jobs: jobs_tx,
             models: Arc::new(served),
-            active,
+            shared,
             max_active: config.limits.max_active_generations,
+            max_queued: config.limits.max_queued_generations,
             stream_buffer: config.limits.stream_buffer,
         })
     }
@@ -131,7 +159,7 @@ impl EngineHandle {
         self.models
             .iter()
             .find(|m| m.name == name)
-            .ok_or_else(|| ServiceError::ModelNotFound(name.to_owned()))
+            .ok_or_else(|| ServiceError::ModelNotFound(echo(name)))
     }
 
     /// Buffer size for a generation's event channel.
@@ -139,17 +167,32 @@ impl EngineHandle {
         self.stream_buffer
     }
 
+    /// Generations admitted and not yet released (queued or running).
+    pub fn active_generations(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Ends every running generation at its next turn with UNAVAILABLE, and refuses new ones.
+    pub fn stop_generations(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+    }
+
     /// Queues a generation; refused when the engine already holds its maximum.
     pub fn submit(&self, job: Job) -> ServiceResult<()> {
-        if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_active {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(ServiceError::ShuttingDown);
+        }
+        let active = &self.shared.active;
+        if active.fetch_add(1, Ordering::AcqRel) >= self.max_active + self.max_queued {
+            active.fetch_sub(1, Ordering::AcqRel);
             return Err(ServiceError::ResourceExhausted(format!(
-                "the engine is running its maximum of {} generations; retry later",
-                self.max_active
+                "the engine is running its maximum of {} generations (limits.max_active_generations) \
+                 and {} more are queued (limits.max_queued_generations); retry later",
+                self.max_active, self.max_queued
             )));
         }
         self.jobs.send(job).map_err(|_| {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+            active.fetch_sub(1, Ordering::AcqRel);
             ServiceError::EngineStopped
         })
     }
@@ -157,58 +200,117 @@ impl EngineHandle {
 
 struct Engine {
     models: Vec<LoadedModel>,
+    /// Per model: pixel-steps admitted at once.
+    budgets: Vec<u64>,
     jobs: mpsc::Receiver<Job>,
-    running: VecDeque<Running>,
-    active: Arc<AtomicUsize>,
+    /// Admitted by `submit`, waiting for room (FIFO).
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    max_running: usize,
+    shared: Arc<EngineShared>,
+}
+
+/// A request's size for admission: pixel-steps (width × height × frames × steps).
+fn cost(request: &GenerationRequest) -> u64 {
+    let frames = request.num_frames.unwrap_or(1).max(1) as u64;
+    request.width as u64 * request.height as u64 * frames * request.steps as u64
 }
 
 impl Engine {
+    /// The scheduler. Each pass takes new jobs into the queue, starts queued ones that fit (FIFO:
+    /// at most `max_running` at once, and per model the admission budget), serves every running
+    /// generation (delivers its events, ends it if cancelled, past its deadline, stalled or
+    /// stopped), and runs one step of the ready generation that has had the least engine time.
+    ///
+    /// Least-served-first is what keeps small requests responsive next to a large one: a 64²
+    /// step costs milliseconds and a 1024² step seconds, so after each large step the small
+    /// generations run until they have caught up in engine time. A ready generation therefore
+    /// waits at most for the one step already running (steps are not preempted): its latency is
+    /// bounded by the longest single step of the others, whatever their number of steps.
     fn run(mut self) {
         loop {
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() {
                 // Idle: block until work arrives (or every handle is gone).
                 match self.jobs.recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.waiting.push_back(job),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = self.jobs.try_recv() {
-                self.admit(job);
+                self.waiting.push_back(job);
             }
-            let mut progressed = false;
-            for _ in 0..self.running.len() {
-                let Some(mut gen) = self.running.pop_front() else {
-                    break;
-                };
-                let model = &self.models[gen.model_index];
-                let outcome = gen.turn(model);
-                progressed |= outcome.progressed;
-                if outcome.finished {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
-                } else {
-                    self.running.push_back(gen);
-                }
-            }
-            if !progressed && !self.running.is_empty() {
+            self.admit_waiting();
+            // A finished generation is dropped, which frees its session and slot.
+            let models = &self.models;
+            self.running
+                .retain_mut(|gen| !gen.service(&models[gen.model_index]));
+            let next = self
+                .running
+                .iter_mut()
+                .filter(|gen| gen.ready())
+                .min_by_key(|gen| gen.served());
+            match next {
+                Some(gen) => gen.advance(&self.models[gen.model_index]),
                 // Every running generation waits for its client to read: don't spin.
-                std::thread::sleep(Duration::from_millis(2));
+                None => std::thread::sleep(Duration::from_millis(2)),
             }
         }
     }
 
-    fn admit(&mut self, job: Job) {
-        let Some(index) = self.models.iter().position(|m| m.info.name == job.model) else {
-            let _ = job
-                .events
-                .try_send(Err(ServiceError::ModelNotFound(job.model.clone())));
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            return;
-        };
-        match Running::start(job, index, &self.models[index]) {
-            Some(gen) => self.running.push_back(gen),
-            None => {
-                self.active.fetch_sub(1, Ordering::AcqRel);
+    /// Starts queued jobs in order while they fit; refuses those whose model is unknown and
+    /// ends those cancelled, abandoned or past their deadline while they waited.
+    fn admit_waiting(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let job = &self.waiting[i];
+            let gone = job.events.is_closed();
+            let ended = if self.shared.stopping.load(Ordering::Acquire) {
+                Some(ServiceError::ShuttingDown)
+            } else if job.guard.session().is_cancelled() {
+                Some(ServiceError::Cancelled)
+            } else if job.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(ServiceError::DeadlineExceeded(
+                    "the call's deadline passed while it was queued".into(),
+                ))
+            } else {
+                None
+            };
+            if gone || ended.is_some() {
+                let job = self.waiting.remove(i).expect("index in range");
+                let error = ended.unwrap_or(ServiceError::Cancelled);
+                generation::refuse(job, &self.shared, error);
+                continue;
+            }
+            i += 1;
+        }
+        while let Some(job) = self.waiting.front() {
+            let Some(index) = self.models.iter().position(|m| m.info.name == job.model) else {
+                let job = self.waiting.pop_front().expect("front exists");
+                let error = ServiceError::ModelNotFound(echo(&job.model));
+                generation::refuse(job, &self.shared, error);
+                continue;
+            };
+            if !self.fits(index, cost(&job.request)) {
+                // FIFO: a large request at the head is not overtaken (it would starve).
+                return;
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            if let Some(mut gen) = Running::start(job, index, &self.models[index], &self.shared) {
+                let least = self.running.iter().map(Running::served).min();
+                gen.level_with(least.unwrap_or_default());
+                self.running.push(gen);
             }
         }
+    }
+
+    /// Whether a request of `cost` pixel-steps for model `index` may start now.
+    fn fits(&self, index: usize, cost: u64) -> bool {
+        if self.running.len() >= self.max_running {
+            return false;
+        }
+        let same_model = self.running.iter().filter(|g| g.model_index == index);
+        let admitted: u64 = same_model.clone().map(Running::cost).sum();
+        // Larger than the whole budget: alone on its model.
+        same_model.count() == 0 || admitted + cost <= self.budgets[index]
     }
 }

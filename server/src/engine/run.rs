@@ -73,6 +73,8 @@ pub struct Denoise {
     switched: bool,
     reset: bool,
     totals: Totals,
+    /// Steps keep the per-module decision record.
+    record_modules: bool,
 }
 
 impl Denoise {
@@ -95,7 +97,14 @@ impl Denoise {
             switched: false,
             reset: false,
             totals: Totals::default(),
+            record_modules: false,
         })
+    }
+
+    /// Every step's stats keep the per-module decision record ([`StepStats::record`]).
+    pub fn recording_modules(mut self, on: bool) -> Self {
+        self.record_modules = on;
+        self
     }
 
     /// The strategy configuration in effect, resolved for this generation.
@@ -142,7 +151,7 @@ impl Denoise {
     /// becomes an error for this generation only.
     pub fn step(&mut self, pipeline: &dyn AnyPipeline) -> ServiceResult<StepReport> {
         let started = Instant::now();
-        let mut stats = StepStats::default();
+        let mut stats = StepStats::recording(self.record_modules);
         let (generation, strategy) = (&mut self.generation, self.strategy.as_mut());
         let output = guarded("denoising step", || {
             pipeline.step(generation, strategy, &mut stats)

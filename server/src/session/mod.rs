@@ -12,7 +12,7 @@ use dashmap::DashMap;
 
 use crate::cache::CacheConfig;
 use crate::config::Limits;
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{echo, ServiceError, ServiceResult};
 
 /// Requests for a running generation, applied at its next step boundary.
 #[derive(Debug, Default)]
@@ -119,24 +119,38 @@ impl Session {
     }
 }
 
-/// Marks its session as generating; dropping it (when the engine is done with the generation,
-/// however it ended) frees the session for the next one and closes an ephemeral session.
+/// Marks its session as generating; releasing it (explicitly before the client is told how the
+/// generation ended, or by dropping it) frees the session for the next one and closes an
+/// ephemeral session.
 #[derive(Debug)]
 pub struct GenerationGuard {
     session: Arc<Session>,
     store: Arc<SessionStore>,
+    /// The engine admitted the generation (it counts in `generations_run`).
+    started: bool,
+    released: bool,
 }
 
 impl GenerationGuard {
     pub fn session(&self) -> &Arc<Session> {
         &self.session
     }
-}
 
-impl Drop for GenerationGuard {
-    fn drop(&mut self) {
+    /// The engine admitted the generation and prepared it.
+    pub fn mark_started(&mut self) {
+        self.started = true;
+    }
+
+    /// Frees the session now (idempotent). The engine calls it before it sends a generation's
+    /// last event, so that a client that saw the end can start the next generation at once.
+    pub fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
         let s = &self.session;
-        s.generations_run.fetch_add(1, Ordering::Relaxed);
+        if self.started {
+            s.generations_run.fetch_add(1, Ordering::Relaxed);
+        }
         s.set_cache_bytes(0);
         *s.pending.lock().expect("pending lock") = PendingControl::default();
         s.cancel.store(false, Ordering::Release);
@@ -147,6 +161,15 @@ impl Drop for GenerationGuard {
         }
     }
 }
+
+impl Drop for GenerationGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Session ids are UUIDs (36 bytes): anything much longer is not one, and is not looked up.
+const MAX_SESSION_ID_BYTES: usize = 64;
 
 /// All open sessions.
 #[derive(Debug)]
@@ -186,12 +209,7 @@ impl SessionStore {
                 format!("at most {} seconds", self.limits.max_idle_timeout_secs),
             ));
         }
-        if new.labels.len() > self.limits.max_labels {
-            return Err(ServiceError::invalid(
-                "labels",
-                format!("at most {} labels", self.limits.max_labels),
-            ));
-        }
+        self.check_labels(&new.labels)?;
         if !new.ephemeral
             && self.persistent.fetch_add(1, Ordering::AcqRel) >= self.limits.max_sessions
         {
@@ -220,14 +238,63 @@ impl SessionStore {
         Ok(session)
     }
 
+    /// Labels within the count and byte limits (a huge label would make every `ListSessions`
+    /// answer too large to send).
+    fn check_labels(&self, labels: &HashMap<String, String>) -> ServiceResult<()> {
+        let l = &self.limits;
+        if labels.len() > l.max_labels {
+            return Err(ServiceError::invalid(
+                "labels",
+                format!("at most {} labels", l.max_labels),
+            ));
+        }
+        let mut total = 0;
+        for (key, value) in labels {
+            if key.is_empty() || key.len() > l.max_label_key_bytes {
+                return Err(ServiceError::invalid(
+                    "labels",
+                    format!(
+                        "key `{}` must be 1 to {} bytes",
+                        echo(key),
+                        l.max_label_key_bytes
+                    ),
+                ));
+            }
+            if value.len() > l.max_label_value_bytes {
+                return Err(ServiceError::invalid(
+                    format!("labels[{}]", echo(key)),
+                    format!(
+                        "value of {} bytes exceeds {} bytes",
+                        value.len(),
+                        l.max_label_value_bytes
+                    ),
+                ));
+            }
+            total += key.len() + value.len();
+        }
+        if total > l.max_labels_bytes {
+            return Err(ServiceError::invalid(
+                "labels",
+                format!(
+                    "{total} bytes of keys and values exceed {} bytes",
+                    l.max_labels_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Looks a session up and counts the lookup as activity.
     pub fn get(&self, id: &str) -> ServiceResult<Arc<Session>> {
+        if id.len() > MAX_SESSION_ID_BYTES {
+            return Err(ServiceError::SessionNotFound(echo(id)));
+        }
         // Clone the Arc out: a DashMap guard must never be held across an await or another call.
         let session = self
             .sessions
             .get(id)
             .map(|s| s.value().clone())
-            .ok_or_else(|| ServiceError::SessionNotFound(id.to_owned()))?;
+            .ok_or_else(|| ServiceError::SessionNotFound(echo(id)))?;
         session.touch();
         Ok(session)
     }
@@ -266,15 +333,20 @@ impl SessionStore {
         Ok(GenerationGuard {
             session: session.clone(),
             store: self.clone(),
+            started: false,
+            released: false,
         })
     }
 
     /// Removes the session; a running generation is cancelled at its next step boundary and its
     /// cached tensors are dropped with it. Returns the cache bytes it held.
     pub fn close(&self, id: &str) -> ServiceResult<u64> {
+        if id.len() > MAX_SESSION_ID_BYTES {
+            return Err(ServiceError::SessionNotFound(echo(id)));
+        }
         let session = self
             .remove(id)
-            .ok_or_else(|| ServiceError::SessionNotFound(id.to_owned()))?;
+            .ok_or_else(|| ServiceError::SessionNotFound(echo(id)))?;
         session.cancel();
         Ok(session.cache_bytes())
     }
@@ -359,7 +431,8 @@ mod tests {
     fn one_generation_at_a_time_and_guard_frees() {
         let store = store(4);
         let s = store.create(new_session(None)).unwrap();
-        let guard = store.begin_generation(&s).unwrap();
+        let mut guard = store.begin_generation(&s).unwrap();
+        guard.mark_started();
         assert!(matches!(
             store.begin_generation(&s),
             Err(ServiceError::FailedPrecondition(_))
@@ -375,6 +448,61 @@ mod tests {
         assert!(!s.is_generating() && !s.is_cancelled());
         assert_eq!(s.generations_run(), 1);
         assert!(!s.cancel(), "nothing to cancel after the generation ended");
+        // A generation the engine never admitted does not count.
+        drop(store.begin_generation(&s).unwrap());
+        assert_eq!(s.generations_run(), 1);
+        // Released early, the guard frees the session once.
+        let mut guard = store.begin_generation(&s).unwrap();
+        guard.mark_started();
+        guard.release();
+        assert!(!s.is_generating());
+        drop(guard);
+        assert_eq!(s.generations_run(), 2);
+    }
+
+    #[test]
+    fn labels_are_bounded_in_count_and_bytes() {
+        let store = store(4);
+        let with = |labels: Vec<(String, String)>| NewSession {
+            labels: labels.into_iter().collect(),
+            ..new_session(None)
+        };
+        let field = |r: ServiceResult<Arc<Session>>| match r {
+            Err(ServiceError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected invalid labels, got {other:?}"),
+        };
+        assert_eq!(
+            field(store.create(with(vec![("k".into(), "v".repeat(5 << 20))]))),
+            "labels[k]"
+        );
+        assert_eq!(
+            field(store.create(with(vec![("k".repeat(129), "v".into())]))),
+            "labels"
+        );
+        assert_eq!(
+            field(store.create(with(vec![(String::new(), "v".into())]))),
+            "labels"
+        );
+        let big: Vec<_> = (0..20)
+            .map(|i| (format!("k{i}"), "v".repeat(1000)))
+            .collect();
+        assert_eq!(field(store.create(with(big))), "labels");
+        let fine: Vec<_> = (0..8)
+            .map(|i| (format!("k{i}"), "v".repeat(1000)))
+            .collect();
+        assert!(store.create(with(fine)).is_ok());
+    }
+
+    #[test]
+    fn huge_ids_are_not_found_and_not_echoed_whole() {
+        let store = store(4);
+        let id = "x".repeat(100_000);
+        for result in [store.get(&id).map(|_| ()), store.close(&id).map(|_| ())] {
+            match result {
+                Err(e @ ServiceError::SessionNotFound(_)) => assert!(e.to_string().len() < 200),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

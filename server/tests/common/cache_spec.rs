@@ -3,6 +3,7 @@
 use denoised_proto::v1 as pb;
 use denoised_server::api::convert::cache::cache_config as wire_cache_config;
 use denoised_server::cache::CacheConfig;
+use denoised_server::config::Limits;
 use serde_json::Value;
 
 /// The API config for a manifest `cache` object, validated and defaulted by the server's own code.
@@ -151,7 +152,8 @@ pub fn cache_config(spec: &Value) -> CacheConfig {
     let config = pb::CacheConfig {
         strategy: Some(strategy),
     };
-    wire_cache_config(Some(&config), "cache").unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
+    wire_cache_config(Some(&config), "cache", &Limits::default())
+        .unwrap_or_else(|e| panic!("cache spec {spec}: {e}"))
 }
 
 /// Largest accepted difference of a calibrated magnitude ratio.

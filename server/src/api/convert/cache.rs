@@ -7,7 +7,9 @@ use crate::cache::config::{
     AttentionWeight, FactorDtype, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
     PyramidAttentionBroadcastConfig, TaylorSeerConfig, TimestepRange,
 };
+use crate::cache::taylor_seer::fullmatch;
 use crate::cache::{CacheConfig, CacheKind};
+use crate::config::Limits;
 use crate::error::{ServiceError, ServiceResult};
 
 pub fn cache_kind(kind: CacheKind) -> pb::CacheKind {
@@ -22,8 +24,14 @@ pub fn cache_kind(kind: CacheKind) -> pb::CacheKind {
 }
 
 /// Validates an API config. `field` is the request's path to it (e.g. `cache`), used to
-/// name the offending field in errors. A missing config or strategy means no cache.
-pub fn cache_config(config: Option<&pb::CacheConfig>, field: &str) -> ServiceResult<CacheConfig> {
+/// name the offending field in errors. A missing config or strategy means no cache. Size-like
+/// fields are bounded by `limits`, since strategies allocate and compile from them on the
+/// engine thread.
+pub fn cache_config(
+    config: Option<&pb::CacheConfig>,
+    field: &str,
+    limits: &Limits,
+) -> ServiceResult<CacheConfig> {
     let Some(strategy) = config.and_then(|c| c.strategy.as_ref()) else {
         return Ok(CacheConfig::None);
     };
@@ -164,13 +172,29 @@ pub fn cache_config(config: Option<&pb::CacheConfig>, field: &str) -> ServiceRes
                 ("skip_predict_identifiers", &p.skip_predict_identifiers),
                 ("cache_identifiers", &p.cache_identifiers),
             ] {
+                if patterns.len() > limits.max_cache_patterns {
+                    return Err(ServiceError::invalid(
+                        f(name),
+                        format!(
+                            "{} patterns; at most {} (limits.max_cache_patterns)",
+                            patterns.len(),
+                            limits.max_cache_patterns
+                        ),
+                    ));
+                }
                 for (i, pattern) in patterns.iter().enumerate() {
-                    if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
+                    let field = format!("{}[{i}]", f(name));
+                    if pattern.len() > limits.max_cache_pattern_bytes {
                         return Err(ServiceError::invalid(
-                            format!("{}[{i}]", f(name)),
-                            e.to_string(),
+                            field,
+                            format!(
+                                "{} bytes; at most {} (limits.max_cache_pattern_bytes)",
+                                pattern.len(),
+                                limits.max_cache_pattern_bytes
+                            ),
                         ));
                     }
+                    fullmatch(pattern, &field)?;
                 }
             }
             let taylor_factors_dtype = match pb::FactorDtype::try_from(p.taylor_factors_dtype) {
@@ -215,10 +239,24 @@ pub fn cache_config(config: Option<&pb::CacheConfig>, field: &str) -> ServiceRes
             // Unset: the generation's step count, resolved when a generation starts (diffusers'
             // constructor default, 28, would resample the ratios for any other step count).
             let num_inference_steps = p.num_inference_steps;
-            if num_inference_steps == Some(0) {
+            // The ratios are resampled to this many steps when a generation starts.
+            if num_inference_steps.is_some_and(|n| n == 0 || n > limits.max_steps) {
                 return Err(ServiceError::invalid(
                     f("num_inference_steps"),
-                    "must be at least 1",
+                    format!(
+                        "must be between 1 and {} (limits.max_steps)",
+                        limits.max_steps
+                    ),
+                ));
+            }
+            if p.mag_ratios.len() > limits.max_steps as usize {
+                return Err(ServiceError::invalid(
+                    f("mag_ratios"),
+                    format!(
+                        "{} ratios; at most one per step, {} (limits.max_steps)",
+                        p.mag_ratios.len(),
+                        limits.max_steps
+                    ),
                 ));
             }
             if p.mag_ratios.is_empty() && !p.calibrate {
@@ -372,7 +410,7 @@ mod tests {
     }
 
     fn invalid_field(c: pb::CacheConfig) -> String {
-        match cache_config(Some(&c), "cache") {
+        match cache_config(Some(&c), "cache", &Limits::default()) {
             Err(ServiceError::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
@@ -380,12 +418,16 @@ mod tests {
 
     #[test]
     fn missing_means_none_and_defaults_resolve() {
-        assert_eq!(cache_config(None, "cache").unwrap(), CacheConfig::None);
+        assert_eq!(
+            cache_config(None, "cache", &Limits::default()).unwrap(),
+            CacheConfig::None
+        );
         let pab = cache_config(
             Some(&cfg(
                 Strategy::PyramidAttentionBroadcast(Default::default()),
             )),
             "cache",
+            &Limits::default(),
         )
         .unwrap();
         let CacheConfig::PyramidAttentionBroadcast(p) = &pab else {
@@ -398,12 +440,18 @@ mod tests {
         );
         // Resolved configs survive a round trip through the API unchanged.
         assert_eq!(
-            cache_config(Some(&cache_config_to_wire(&pab)), "cache").unwrap(),
+            cache_config(
+                Some(&cache_config_to_wire(&pab)),
+                "cache",
+                &Limits::default()
+            )
+            .unwrap(),
             pab
         );
         let ts = cache_config(
             Some(&cfg(Strategy::TaylorSeer(Default::default()))),
             "cache",
+            &Limits::default(),
         )
         .unwrap();
         let CacheConfig::TaylorSeer(t) = &ts else {
@@ -414,9 +462,53 @@ mod tests {
             (5, 3, 1)
         );
         assert_eq!(
-            cache_config(Some(&cache_config_to_wire(&ts)), "cache").unwrap(),
+            cache_config(
+                Some(&cache_config_to_wire(&ts)),
+                "cache",
+                &Limits::default()
+            )
+            .unwrap(),
             ts
         );
+    }
+
+    #[test]
+    fn size_like_fields_are_bounded_by_the_limits() {
+        let mag = |steps: Option<u32>, ratios: usize| {
+            cfg(Strategy::MagCache(pb::MagCache {
+                mag_ratios: vec![1.0; ratios],
+                num_inference_steps: steps,
+                ..Default::default()
+            }))
+        };
+        // Once allocated ~16 GiB on the engine thread.
+        assert_eq!(
+            invalid_field(mag(Some(u32::MAX), 1)),
+            "cache.mag_cache.num_inference_steps"
+        );
+        assert_eq!(invalid_field(mag(None, 1001)), "cache.mag_cache.mag_ratios");
+        let limits = Limits::default();
+        assert!(cache_config(Some(&mag(Some(1000), 1000)), "cache", &limits).is_ok());
+        let taylor = |patterns: Vec<String>| {
+            cfg(Strategy::TaylorSeer(pb::TaylorSeer {
+                cache_identifiers: patterns,
+                ..Default::default()
+            }))
+        };
+        assert_eq!(
+            invalid_field(taylor(vec!["attn".into(); 65])),
+            "cache.taylor_seer.cache_identifiers"
+        );
+        assert_eq!(
+            invalid_field(taylor(vec!["a".repeat(257)])),
+            "cache.taylor_seer.cache_identifiers[0]"
+        );
+        // Short, but huge once compiled.
+        assert_eq!(
+            invalid_field(taylor(vec!["a{1000}{1000}".into()])),
+            "cache.taylor_seer.cache_identifiers[0]"
+        );
+        assert!(cache_config(Some(&taylor(vec!["attn".into(); 64])), "cache", &limits).is_ok());
     }
 
     #[test]
@@ -470,7 +562,14 @@ mod strategy_tests {
             Strategy::FirstBlockCache(Default::default()),
         ]
         .into_iter()
-        .map(|s| cache_config(Some(&pb::CacheConfig { strategy: Some(s) }), "cache").unwrap())
+        .map(|s| {
+            cache_config(
+                Some(&pb::CacheConfig { strategy: Some(s) }),
+                "cache",
+                &Limits::default(),
+            )
+            .unwrap()
+        })
         .collect();
         let mag = Strategy::MagCache(pb::MagCache {
             mag_ratios: FLUX_MAG_RATIOS.to_vec(),
@@ -482,6 +581,7 @@ mod strategy_tests {
                     strategy: Some(mag),
                 }),
                 "cache",
+                &Limits::default(),
             )
             .unwrap(),
         );

@@ -6,7 +6,7 @@ pub mod cache;
 use denoised_proto::v1 as pb;
 use tonic::{Code, Status};
 
-use crate::dit::hooks::ModuleCounts;
+use crate::dit::hooks::{DecisionKind, ForwardDecisions, ForwardRows, ModuleCounts};
 use crate::dit::request::{ImageFormat, VideoFormat};
 use crate::engine::events::{self, Event};
 use crate::engine::ServedModel;
@@ -23,7 +23,8 @@ pub fn code(e: &ServiceError) -> Code {
         ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
         ServiceError::Cancelled => Code::Cancelled,
-        ServiceError::EngineStopped => Code::Unavailable,
+        ServiceError::EngineStopped | ServiceError::ShuttingDown => Code::Unavailable,
+        ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         // Input the model rejects (e.g. a prompt the tokenizer cannot take) is the caller's.
         ServiceError::Model(ModelError::InvalidInput { .. }) => Code::InvalidArgument,
         ServiceError::Model(_) | ServiceError::Internal(_) => Code::Internal,
@@ -39,8 +40,24 @@ impl From<ServiceError> for Status {
             }
             other => other.to_string(),
         };
-        Status::new(code(&e), message)
+        Status::new(code(&e), cap(message))
     }
+}
+
+/// Longest status message sent: it travels in a header, which peers limit (8–16 KiB).
+const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, cut on a character boundary to [`MAX_STATUS_MESSAGE_BYTES`].
+fn cap(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE_BYTES {
+        let mut cut = MAX_STATUS_MESSAGE_BYTES - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 pub fn model_info(m: &ServedModel) -> pb::ModelInfo {
@@ -210,9 +227,37 @@ fn step(s: events::Step) -> pb::Step {
             cache_state_bytes: c.cache_state_bytes,
             strategy_switched: c.strategy_switched,
             cache_reset: c.cache_reset,
+            modules: c.modules.map(|forwards| pb::ModuleDecisions {
+                forwards: forwards.iter().map(forward_decisions).collect(),
+            }),
         }),
         step_ms: s.step_ms,
         preview: s.preview.map(image),
+    }
+}
+
+fn forward_decisions(f: &ForwardDecisions) -> pb::ForwardDecisions {
+    let code = |d: Option<DecisionKind>| -> i32 {
+        match d {
+            None => pb::ModuleDecision::Unspecified,
+            Some(DecisionKind::Computed) => pb::ModuleDecision::Computed,
+            Some(DecisionKind::Reused) => pb::ModuleDecision::Reused,
+            Some(DecisionKind::Predicted) => pb::ModuleDecision::Predicted,
+            Some(DecisionKind::Skipped) => pb::ModuleDecision::Skipped,
+        }
+        .into()
+    };
+    pb::ForwardDecisions {
+        rows: match f.rows {
+            ForwardRows::Cond => pb::ForwardRows::Cond,
+            ForwardRows::Uncond => pb::ForwardRows::Uncond,
+            ForwardRows::BothCfg => pb::ForwardRows::Both,
+        }
+        .into(),
+        forward: code(Some(f.forward)),
+        blocks: f.blocks.iter().map(|b| code(Some(b.block))).collect(),
+        attention: f.blocks.iter().map(|b| code(b.attention)).collect(),
+        output_projection: code(f.output_projection),
     }
 }
 

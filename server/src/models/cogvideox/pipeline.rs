@@ -446,6 +446,7 @@ impl Pipeline for CogVideoXPipeline {
             }
             (true, CfgRows::CondOnly) => {
                 stats.forwards.predicted += 1;
+                stats.note_uncond_rebuilt();
                 hooks.rebuild_uncond(&ctx, &prediction)
             }
             (false, _) => prediction,

@@ -364,9 +364,11 @@ impl CogVideoXTransformer {
         hooks: &mut dyn TransformerHooks,
         stats: &mut StepStats,
     ) -> Tensor {
+        stats.note_forward_start(ctx);
         let decision = hooks.before_forward(ctx);
         // A copy, so that the closure below can borrow `stats` for the inner modules.
-        let mut forwards = stats.forwards;
+        let forwards_before = stats.forwards;
+        let mut forwards = forwards_before;
         let (out, computed) = resolve(decision, &mut forwards, || {
             self.compute(
                 hidden_states,
@@ -378,6 +380,7 @@ impl CogVideoXTransformer {
             )
         });
         stats.forwards = forwards;
+        stats.note_forward(&forwards_before);
         if computed {
             hooks.after_forward(ctx, &out);
         }
@@ -413,7 +416,7 @@ impl CogVideoXTransformer {
         let block_cost = b as f64 * block_macs(&self.config, l_txt + n);
         let attention_cost = b as f64 * attention_macs(&self.config, l_txt + n);
         for (ids, block) in self.ids.iter().zip(&self.blocks) {
-            let attention_before = stats.attention;
+            let (blocks_before, attention_before) = (stats.blocks, stats.attention);
             let decision = hooks.before_block(&ids.block, &io);
             let attention = &mut stats.attention;
             let (out, computed) = resolve(decision, &mut stats.blocks, || {
@@ -425,6 +428,7 @@ impl CogVideoXTransformer {
             } else {
                 block_cost
             };
+            stats.note_block(&blocks_before, &attention_before);
             if computed {
                 hooks.after_block(&ids.block, &io, &out);
             }
@@ -433,6 +437,7 @@ impl CogVideoXTransformer {
 
         let hidden = &io[STREAMS.hidden];
         let decision = hooks.before_output_projection();
+        let projection_before = stats.output_projection;
         let (out, computed) = resolve(decision, &mut stats.output_projection, || {
             let x = self.norm_final.forward(hidden);
             // AdaLayerNorm(chunk_dim=1): shift, then scale.
@@ -440,6 +445,7 @@ impl CogVideoXTransformer {
             let x = self.norm_out.forward(&x) * (m[1].unsqueeze(1) + 1.0) + m[0].unsqueeze(1);
             self.proj_out.forward(&x)
         });
+        stats.note_output_projection(&projection_before);
         if computed {
             hooks.after_output_projection(&out);
         }

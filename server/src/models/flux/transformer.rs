@@ -496,9 +496,11 @@ impl FluxTransformer {
         hooks: &mut dyn TransformerHooks,
         stats: &mut StepStats,
     ) -> Tensor {
+        stats.note_forward_start(ctx);
         let decision = hooks.before_forward(ctx);
         // A copy, so that the closure below can borrow `stats` for the inner modules.
-        let mut forwards = stats.forwards;
+        let forwards_before = stats.forwards;
+        let mut forwards = forwards_before;
         let (out, computed) = resolve(decision, &mut forwards, || {
             let inputs = ForwardInputs {
                 hidden_states,
@@ -512,6 +514,7 @@ impl FluxTransformer {
             self.compute(&inputs, hooks, stats)
         });
         stats.forwards = forwards;
+        stats.note_forward(&forwards_before);
         if computed {
             hooks.after_forward(ctx, &out);
         }
@@ -548,7 +551,7 @@ impl FluxTransformer {
         let mut io = block_io(hidden, encoder);
         for ids in &self.ids {
             let (id, attn) = (&ids.block, &ids.attention);
-            let attention_before = stats.attention;
+            let (blocks_before, attention_before) = (stats.blocks, stats.attention);
             let decision = hooks.before_block(id, &io);
             let attention = &mut stats.attention;
             let (out, computed) =
@@ -566,6 +569,7 @@ impl FluxTransformer {
                 } else {
                     block_macs(c, ids.kind, l_img, l_txt)
                 };
+            stats.note_block(&blocks_before, &attention_before);
             if computed {
                 hooks.after_block(id, &io, &out);
             }
@@ -574,11 +578,13 @@ impl FluxTransformer {
         let (hidden, _) = streams(&io);
 
         let decision = hooks.before_output_projection();
+        let projection_before = stats.output_projection;
         let (out, computed) = resolve(decision, &mut stats.output_projection, || {
             // AdaLayerNormContinuous: linear(silu(temb)) -> (scale, shift).
             let m = self.norm_out.forward(&temb);
             self.proj_out.forward(&modulate(hidden, &m[1], &m[0]))
         });
+        stats.note_output_projection(&projection_before);
         if computed {
             hooks.after_output_projection(&out);
         }

@@ -489,13 +489,18 @@ async fn the_generation_limit_refuses_with_resource_exhausted() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert_eq!(client.list_sessions().await.unwrap().len(), 2);
-    assert!(!second.info().await.unwrap().generating);
+    let refused = second.info().await.unwrap();
+    assert!(!refused.generating);
+    // A generation the engine refused is not counted as run.
+    assert_eq!(refused.generations_run, 0);
 
     // The slot frees when the running generation ends.
     drop(running);
     wait_idle(&first).await;
+    assert_eq!(first.info().await.unwrap().generations_run, 1);
     let run = collect(second.generate(request(2, 2)).await.unwrap()).await;
     assert!(run.completed.is_some(), "{:?}", run.error);
+    assert_eq!(second.info().await.unwrap().generations_run, 1);
     server.stop().await;
 }
 

@@ -298,7 +298,8 @@ impl Engine {
             if let Some(mut gen) = Running::start(job, index, &self.models[index], &self.shared) {
                 let least = self.running.iter().map(Running::served).min();
                 gen.level_with(least.unwrap_or_default());
-                self.running.push(gen);
+                // First in line: on a tie with the least-served, the newcomer steps first.
+                self.running.insert(0, gen);
             }
         }
     }

@@ -158,9 +158,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let draining = draining.clone();
         move |req: tonic::Request<()>| {
             if draining.load(Ordering::Acquire) {
-                Err(Status::unavailable(
-                    crate::error::ServiceError::ShuttingDown.to_string(),
-                ))
+                Err(Status::from(crate::error::ServiceError::ShuttingDown))
             } else {
                 Ok(req)
             }

@@ -33,6 +33,27 @@ pub(super) struct Running {
     served: Duration,
 }
 
+/// Why a job must end now, queued or running: its session was cancelled, the server is stopping,
+/// or the call's deadline passed (`when` says how far it got, for the message).
+pub(super) fn ended_early(
+    job: &Job,
+    shared: &EngineShared,
+    when: impl FnOnce() -> String,
+) -> Option<ServiceError> {
+    if job.guard.session().is_cancelled() {
+        Some(ServiceError::Cancelled)
+    } else if shared.stopping.load(Ordering::Acquire) {
+        Some(ServiceError::ShuttingDown)
+    } else if job.deadline.is_some_and(|d| Instant::now() >= d) {
+        Some(ServiceError::DeadlineExceeded(format!(
+            "the call's deadline passed {}; generation cancelled",
+            when()
+        )))
+    } else {
+        None
+    }
+}
+
 /// Ends a generation that never ran: frees its session and engine slot, then tells the client.
 pub(super) fn refuse(mut job: Job, shared: &EngineShared, error: ServiceError) {
     job.guard.release();
@@ -151,17 +172,12 @@ impl Running {
     /// Why the generation must end before its next step, if it must: cancelled, the server is
     /// shutting down, the call's deadline passed, or its client stopped reading.
     fn interruption(&self, model: &LoadedModel) -> Option<ServiceError> {
-        if self.job.guard.session().is_cancelled() {
-            return Some(ServiceError::Cancelled);
-        }
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Some(ServiceError::ShuttingDown);
-        }
-        if self.job.deadline.is_some_and(|d| Instant::now() >= d) {
-            let steps = self.denoise.progress(model.pipeline.as_ref()).step_index;
-            return Some(ServiceError::DeadlineExceeded(format!(
-                "the call's deadline passed after {steps} steps; generation cancelled"
-            )));
+        let steps = || {
+            let done = self.denoise.progress(model.pipeline.as_ref()).step_index;
+            format!("after {done} steps")
+        };
+        if let Some(error) = ended_early(&self.job, &self.shared, steps) {
+            return Some(error);
         }
         let timeout = self.shared.stalled_stream_timeout;
         if self.blocked_since.is_some_and(|t| t.elapsed() >= timeout) {

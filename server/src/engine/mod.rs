@@ -172,16 +172,14 @@ impl EngineHandle {
         self.shared.active.load(Ordering::Acquire)
     }
 
-    /// Ends every running generation at its next turn with UNAVAILABLE, and refuses new ones.
+    /// Ends every running and queued generation at its next turn with UNAVAILABLE (jobs
+    /// submitted after this are ended when the engine takes them from the queue).
     pub fn stop_generations(&self) {
         self.shared.stopping.store(true, Ordering::Release);
     }
 
     /// Queues a generation; refused when the engine already holds its maximum.
     pub fn submit(&self, job: Job) -> ServiceResult<()> {
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return Err(ServiceError::ShuttingDown);
-        }
         let active = &self.shared.active;
         if active.fetch_add(1, Ordering::AcqRel) >= self.max_active + self.max_queued {
             active.fetch_sub(1, Ordering::AcqRel);
@@ -264,17 +262,7 @@ impl Engine {
         while i < self.waiting.len() {
             let job = &self.waiting[i];
             let gone = job.events.is_closed();
-            let ended = if self.shared.stopping.load(Ordering::Acquire) {
-                Some(ServiceError::ShuttingDown)
-            } else if job.guard.session().is_cancelled() {
-                Some(ServiceError::Cancelled)
-            } else if job.deadline.is_some_and(|d| Instant::now() >= d) {
-                Some(ServiceError::DeadlineExceeded(
-                    "the call's deadline passed while it was queued".into(),
-                ))
-            } else {
-                None
-            };
+            let ended = generation::ended_early(job, &self.shared, || "while it was queued".into());
             if gone || ended.is_some() {
                 let job = self.waiting.remove(i).expect("index in range");
                 let error = ended.unwrap_or(ServiceError::Cancelled);

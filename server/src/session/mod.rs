@@ -171,6 +171,14 @@ impl Drop for GenerationGuard {
 /// Session ids are UUIDs (36 bytes): anything much longer is not one, and is not looked up.
 const MAX_SESSION_ID_BYTES: usize = 64;
 
+/// Refuses ids that cannot be a session's without looking them up.
+fn plausible_id(id: &str) -> ServiceResult<()> {
+    if id.len() > MAX_SESSION_ID_BYTES {
+        return Err(ServiceError::SessionNotFound(echo(id)));
+    }
+    Ok(())
+}
+
 /// All open sessions.
 #[derive(Debug)]
 pub struct SessionStore {
@@ -286,9 +294,7 @@ impl SessionStore {
 
     /// Looks a session up and counts the lookup as activity.
     pub fn get(&self, id: &str) -> ServiceResult<Arc<Session>> {
-        if id.len() > MAX_SESSION_ID_BYTES {
-            return Err(ServiceError::SessionNotFound(echo(id)));
-        }
+        plausible_id(id)?;
         // Clone the Arc out: a DashMap guard must never be held across an await or another call.
         let session = self
             .sessions
@@ -341,9 +347,7 @@ impl SessionStore {
     /// Removes the session; a running generation is cancelled at its next step boundary and its
     /// cached tensors are dropped with it. Returns the cache bytes it held.
     pub fn close(&self, id: &str) -> ServiceResult<u64> {
-        if id.len() > MAX_SESSION_ID_BYTES {
-            return Err(ServiceError::SessionNotFound(echo(id)));
-        }
+        plausible_id(id)?;
         let session = self
             .remove(id)
             .ok_or_else(|| ServiceError::SessionNotFound(echo(id)))?;
